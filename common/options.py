@@ -1,0 +1,110 @@
+"""The option sets shared by subcommands, and the training configuration.
+
+Every default and help text lives here (or in a subcommand's own dataclass); the CLI
+flags, ``--print-config`` and ``configs/*.yaml`` are generated from these classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from common.config import opt, register
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelOptions:
+    model: str = opt("default", "base model: a Hugging Face Hub id, a local HF directory, a .gguf file, "
+                     "or 'default' (the embedded SmolLM2-135M-Instruct)")
+    revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of --model")
+    trust_remote_code: bool = opt(False, "allow models that need their own Python code (runs code from the model repo)")
+
+
+@dataclass
+class DataOptions:
+    data: list[str] = opt(factory=lambda: ["data"], help="data directory (train/valid/test.jsonl) or files; "
+                          "several sources may be mixed, each as PATH or PATH:N (N rows sampled)")
+    system_prompt_file: Optional[str] = opt("system_prompt.txt", "system prompt inserted into rows that have none "
+                                            "(and written to the Modelfile's SYSTEM); empty to use none")
+    chat_template: Optional[str] = opt(None, "override the tokenizer's chat template: a named template "
+                                       "(chatml, llama3, alpaca) or a .jinja file")
+    max_seq_length: int = opt(1024, "maximum tokens per example")
+    overlong: Literal["truncate", "drop", "error"] = opt("truncate", "what to do with rows longer than --max-seq-length "
+                                                         "(always counted and reported)")
+    valid_fraction: float = opt(0.1, "fraction of train held out for validation when there is no valid file")
+    json_schema: Optional[str] = opt(None, "JSON schema every assistant answer must satisfy "
+                                     "(default: schema.json beside the data, if present)")
+    train_on_prompt: bool = opt(False, "also compute the loss on system/user tokens")
+    seed: int = opt(3407, "random seed (data order, splits, adapter initialisation)")
+
+
+@register
+@dataclass
+class TrainConfig(ModelOptions, DataOptions):
+    out: Optional[str] = opt(None, "run directory (default: runs/<model>-<timestamp>)")
+    backend: Literal["auto", "torch", "mlx"] = opt("auto", "training backend; auto = MLX on Apple Silicon when "
+                                                  "installed, else PyTorch")
+    device: Optional[str] = opt(None, "torch device (cuda, cuda:1, mps, cpu); default: the best available")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "compute dtype; auto = bf16 on GPUs that "
+                                                                   "support it, fp16 on older GPUs, fp32 on CPU")
+    epochs: float = opt(3.0, "passes over the training data (ignored when --max-steps is set)")
+    max_steps: Optional[int] = opt(None, "optimizer steps to run (overrides --epochs)")
+    batch_size: int = opt(4, "examples per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    lr: float = opt(2e-4, "peak learning rate")
+    warmup_steps: int = opt(10, "linear warmup steps")
+    schedule: Literal["linear", "cosine", "constant"] = opt("linear", "learning-rate decay after warmup")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    optim: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = opt("adamw", "optimizer (8-bit ones need bitsandbytes)")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
+    lora_r: int = opt(16, "LoRA rank")
+    lora_alpha: float = opt(32.0, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with --use-rslora)")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA input")
+    targets: list[str] = opt(factory=lambda: list(DEFAULT_TARGETS), help="module names to adapt "
+                             "(those the architecture lacks are skipped; 'all-linear' adapts every linear layer)")
+    num_layers: Optional[int] = opt(None, "adapt only the last N transformer layers (default: all)")
+    use_dora: bool = opt(False, "weight-decomposed LoRA (DoRA)")
+    use_rslora: bool = opt(False, "rank-stabilised LoRA scaling alpha/sqrt(r)")
+    load_in_4bit: bool = opt(False, "QLoRA: 4-bit base (bitsandbytes nf4 on CUDA; MLX's 4-bit on a Mac)")
+    load_in_8bit: bool = opt(False, "8-bit base (MLX backend)")
+    grad_checkpoint: bool = opt(False, "gradient checkpointing: less memory, ~30% slower")
+    packing: bool = opt(False, "pack several examples per row, padding-free, no attention across examples")
+    group_by_length: bool = opt(True, "batch rows of similar length together (less padding)")
+    eval_every: int = opt(50, "evaluate on the validation split every N optimizer steps (0: only at the end)")
+    eval_batches: Optional[int] = opt(None, "limit each evaluation to N batches (default: the whole split)")
+    sample_prompts: int = opt(2, "validation prompts to generate an answer for at each evaluation")
+    save_every: int = opt(100, "write a checkpoint every N optimizer steps (0: only at the end)")
+    keep: int = opt(3, "checkpoints to keep (the newest; the last verified one is never deleted)")
+    early_stop_patience: Optional[int] = opt(None, "stop after N evaluations without improvement")
+    resume: bool = opt(False, "continue from the newest verified checkpoint in --out")
+    allow_partial_resume: bool = opt(False, "resume even if the optimizer state is missing")
+    nonfinite: Literal["skip", "abort"] = opt("skip", "on a NaN/inf loss or gradient: skip the step or stop the run")
+    report_to: list[str] = opt(factory=list, help="extra loggers: wandb, tensorboard")
+    log_every: int = opt(1, "log the training loss every N optimizer steps")
+
+    def validate(self) -> list[str]:
+        problems = []
+        positive = ("batch_size", "grad_accum", "lora_r", "max_seq_length")
+        for name in positive:
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"max_steps: must be >= 1, got {self.max_steps}")
+        if self.max_steps is None and self.epochs <= 0:
+            problems.append(f"epochs: must be > 0, got {self.epochs}")
+        if self.lr <= 0:
+            problems.append(f"lr: must be > 0, got {self.lr}")
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        if not 0 < self.valid_fraction < 1:
+            problems.append(f"valid_fraction: must be in (0, 1), got {self.valid_fraction}")
+        if self.load_in_4bit and self.load_in_8bit:
+            problems.append("load_in_4bit and load_in_8bit: choose one")
+        for r in self.report_to:
+            if r not in ("wandb", "tensorboard"):
+                problems.append(f"report_to: unknown logger {r!r} (choose wandb or tensorboard)")
+        if self.keep < 1:
+            problems.append(f"keep: must be >= 1, got {self.keep}")
+        return problems

@@ -1,0 +1,118 @@
+"""The plug-in surface of a training backend (MLX, PyTorch) and the batch it receives.
+
+The loop (common.train.loop) owns data order, schedule, accumulation, evaluation,
+checkpoints and resume; a backend owns tensors: the model, the LoRA layers, the
+optimizer and its state. Everything crossing this boundary is plain Python.
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Protocol, runtime_checkable
+
+
+@dataclass
+class Batch:
+    """One micro-batch, already padded (right) to a common length.
+
+    ``segment_ids[r][t]`` numbers the example a token belongs to within row ``r``
+    (1, 2, ... when packing; 1 for every real token otherwise) and is 0 for padding.
+    ``position_ids`` restart at 0 for each packed example. A backend must stop
+    attention across segments and ignore padding. Loss is taken at token t+1 from
+    logits at t where ``loss_mask[r][t+1] == 1`` (the mask marks target tokens).
+    """
+
+    input_ids: list[list[int]]
+    loss_mask: list[list[int]]
+    segment_ids: list[list[int]]
+    position_ids: list[list[int]]
+    n_tokens: int  # real (non-padding) tokens
+    n_supervised: int  # tokens that are loss targets (mask == 1, excluding each row's first token)
+
+
+@dataclass
+class StepStats:
+    grad_norm: float
+    finite: bool
+
+
+@dataclass
+class BackendInfo:
+    """What the backend tells the loop (and the run's summary) after setup."""
+
+    device: str
+    dtype: str
+    trainable_params: int
+    total_params: int
+    target_modules: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+
+    def setup(self, model_dir: Path, cfg: Any, pad_id: int) -> BackendInfo:
+        """Load the base model from a Hugging Face directory and attach LoRA (seeded by cfg.seed)."""
+
+    def forward_backward(self, batch: Batch, scale: float) -> float:
+        """Accumulate gradients of ``scale * sum(token losses)``; return the unscaled loss sum."""
+
+    def optimizer_step(self, lr: float, max_grad_norm: float, skip: bool = False) -> StepStats:
+        """Clip, check finiteness, step (unless ``skip`` or non-finite), then zero gradients."""
+
+    def eval_loss(self, batch: Batch) -> tuple[float, int]:
+        """(sum of token losses, number of target tokens) without gradients."""
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
+        """Greedy continuation of ``prompt_ids`` (new tokens only), stopping at a stop id."""
+
+    def save_adapter(self, out_dir: Path, base_model: str) -> None:
+        """Write ``adapter_model.safetensors`` + ``adapter_config.json`` in PEFT's format."""
+
+    def load_adapter(self, adapter_dir: Path) -> None:
+        """Load adapter weights written by :meth:`save_adapter` (either backend's)."""
+
+    def save_state(self, out_dir: Path) -> list[str]:
+        """Write optimizer state and backend RNG state; return the file names written."""
+
+    def load_state(self, in_dir: Path, allow_partial: bool = False) -> None:
+        """Restore what :meth:`save_state` wrote."""
+
+    def peak_memory(self) -> Optional[int]:
+        """Peak memory in bytes since setup (device memory on GPUs), or None if unknown."""
+
+
+BACKENDS = {"torch": "torch_ft.backend:TorchBackend", "mlx": "mlx_ft.backend:MLXBackend"}
+
+
+def is_apple_silicon() -> bool:
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
+
+
+def choose_backend(name: str) -> str:
+    """Resolve ``auto``: MLX on Apple Silicon when installed, else torch."""
+    if name != "auto":
+        return name
+    if is_apple_silicon() and importlib.util.find_spec("mlx") is not None:
+        return "mlx"
+    return "torch"
+
+
+def load_backend(name: str) -> Backend:
+    """Import a backend lazily; a missing extra is a clear error."""
+    from common.errors import UserError
+
+    name = choose_backend(name)
+    if name not in BACKENDS:
+        raise UserError(f"unknown backend {name!r}: choose auto, torch or mlx")
+    module_name, cls_name = BACKENDS[name].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        extra = "mlx" if name == "mlx" else "torch"
+        raise UserError(f"the {name} backend is not installed ({exc.name or exc}): pip install 'llm-ft[{extra}]'") from None
+    return getattr(module, cls_name)()
