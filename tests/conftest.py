@@ -1,0 +1,30 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    from tiny import make_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny-tok")
+    make_tokenizer(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer llama with hidden 64 and the tiny tokenizer, saved as safetensors."""
+    pytest.importorskip("torch")
+    from tiny import make_model
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    make_model(d, "llama")
+    return d
