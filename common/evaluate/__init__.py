@@ -1,0 +1,1 @@
+"""Evaluation: JSON and free-text metrics, the eval command and its reports."""
