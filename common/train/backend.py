@@ -35,8 +35,16 @@ class Batch:
 
 @dataclass
 class StepStats:
-    grad_norm: float
+    """What :meth:`Backend.optimizer_step` did.
+
+    ``finite`` is False when the loss or a gradient was NaN/inf (then no update was made);
+    ``skipped`` is True whenever no update was made (non-finite, ``skip=True``, or an fp16
+    loss-scaler overflow, which is routine and not reported as non-finite).
+    """
+
+    grad_norm: float  # global L2 norm before clipping (nan/inf when non-finite)
     finite: bool
+    skipped: bool = False
 
 
 @dataclass
@@ -56,31 +64,48 @@ class Backend(Protocol):
     name: str
 
     def setup(self, model_dir: Path, cfg: Any, pad_id: int) -> BackendInfo:
-        """Load the base model from a Hugging Face directory and attach LoRA (seeded by cfg.seed)."""
+        """Load the base model from a Hugging Face directory and attach LoRA.
+
+        ``cfg`` is a :class:`common.options.TrainConfig`; a backend reads the model and LoRA
+        fields (lora_r, lora_alpha, lora_dropout, targets, num_layers, use_dora, use_rslora,
+        load_in_4bit/8bit, grad_checkpoint, dtype, device, trust_remote_code) and the
+        optimizer's (optim, weight_decay). The framework RNG is seeded with ``cfg.seed``
+        before the adapter is initialised, so one seed gives one adapter.
+        """
 
     def forward_backward(self, batch: Batch, scale: float) -> float:
-        """Accumulate gradients of ``scale * sum(token losses)``; return the unscaled loss sum."""
+        """Accumulate gradients of ``scale * sum(token losses)``; return the unscaled loss sum.
+
+        The loop passes ``scale = 1 / (supervised tokens of the whole optimizer step)``.
+        A non-finite loss is returned as is (the loop then skips the step).
+        """
 
     def optimizer_step(self, lr: float, max_grad_norm: float, skip: bool = False) -> StepStats:
-        """Clip, check finiteness, step (unless ``skip`` or non-finite), then zero gradients."""
+        """Clip (``max_grad_norm`` 0 = off), check finiteness, step at ``lr`` (unless ``skip``
+        or non-finite), then zero the gradients in every case."""
 
     def eval_loss(self, batch: Batch) -> tuple[float, int]:
         """(sum of token losses, number of target tokens) without gradients."""
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
-        """Greedy continuation of ``prompt_ids`` (new tokens only), stopping at a stop id."""
+        """Greedy continuation of ``prompt_ids``: the new tokens only, ending before the first
+        stop id (which is not returned), at most ``max_new_tokens`` long."""
 
     def save_adapter(self, out_dir: Path, base_model: str) -> None:
-        """Write ``adapter_model.safetensors`` + ``adapter_config.json`` in PEFT's format."""
+        """Write ``adapter_model.safetensors`` + ``adapter_config.json`` in PEFT's format
+        (``base_model_name_or_path`` = ``base_model``) into the existing ``out_dir``; no
+        other files, no pickle. Raises ValueError if an adapter weight is not finite."""
 
     def load_adapter(self, adapter_dir: Path) -> None:
         """Load adapter weights written by :meth:`save_adapter` (either backend's)."""
 
     def save_state(self, out_dir: Path) -> list[str]:
-        """Write optimizer state and backend RNG state; return the file names written."""
+        """Write optimizer state and the framework's RNG state (safetensors + JSON, no pickle)
+        into the existing ``out_dir``; return the file names written."""
 
     def load_state(self, in_dir: Path, allow_partial: bool = False) -> None:
-        """Restore what :meth:`save_state` wrote."""
+        """Restore what :meth:`save_state` wrote (after :meth:`load_adapter`). Missing
+        optimizer state raises UserError unless ``allow_partial`` (then it starts fresh)."""
 
     def peak_memory(self) -> Optional[int]:
         """Peak memory in bytes since setup (device memory on GPUs), or None if unknown."""
