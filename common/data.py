@@ -1,0 +1,483 @@
+"""Data: read files into rows, lint every row, build train/valid/test splits.
+
+Sources are data directories (``train.jsonl`` + optional ``valid.jsonl``/``test.jsonl``,
+or ``.json`` variants), single files (``.jsonl``, ``.json`` arrays or JSON lines, ``.txt``/
+``.md`` domain text), each optionally ``PATH:N`` to sample N rows. Bad rows never raise
+here: every problem goes into the :class:`LintReport`, so one pass lists them all; the
+caller decides with ``splits.report.raise_if_errors()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from common.data_formats import (LintReport, Problem, canonical, convert_row, detect_format, json_type,  # noqa: F401
+                                 row_key, unknown_format)
+from common.errors import UserError
+from common.rows import Conversation, Example, Row, Source, Text
+
+JSON_SUFFIXES = (".jsonl", ".json")
+TEXT_SUFFIXES = (".txt", ".md")
+SPLIT_FILES = {"train": ("train",), "valid": ("valid", "validation", "val"), "test": ("test",)}
+CHARS_PER_TOKEN = 4  # rough average for English BPE text; used to chunk .txt only when no tokenizer is given
+SAMPLE_RE = re.compile(r"^(?P<path>.+):(?P<n>\d+)$")
+
+
+@dataclass
+class Splits:
+    """The loaded data: rows per split, every problem found, and the files read."""
+
+    train: list[Row] = field(default_factory=list)
+    valid: list[Row] = field(default_factory=list)
+    test: list[Row] = field(default_factory=list)
+    report: LintReport = field(default_factory=LintReport)
+    files: list[Path] = field(default_factory=list)
+    schema_path: Optional[Path] = None
+    valid_from_train: bool = False  # True when valid was held out of train (valid_fraction)
+
+    def items(self) -> list[tuple[str, list[Row]]]:
+        return [("train", self.train), ("valid", self.valid), ("test", self.test)]
+
+
+# ---------------------------------------------------------------------------
+# files
+
+
+def parse_source(spec: str) -> tuple[Path, Optional[int]]:
+    """``PATH`` or ``PATH:N``. Only a trailing ``:digits`` is a count (``C:\\data`` stays a path)."""
+    m = SAMPLE_RE.match(spec)
+    if m and not Path(spec).exists():
+        return Path(m["path"]), int(m["n"])
+    return Path(spec), None
+
+
+def _unclosed(text: str) -> bool:
+    """True when JSON text ends inside a string or an open object/array (a cut-off line)."""
+    depth, in_string, escape = 0, False, False
+    for ch in text:
+        if in_string:
+            if escape:
+                escape = False
+            elif ch == "\\":
+                escape = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+    return in_string or depth > 0
+
+
+def _json_lines(path: Path, data: bytes, report: LintReport) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) per non-blank line; BOM and CRLF accepted silently."""
+    lines = data.split(b"\n")  # not splitlines(): U+2028 may sit raw inside a JSON string
+    last = max((i for i, raw in enumerate(lines, 1) if raw.strip()), default=0)
+    for i, raw in enumerate(lines, 1):
+        raw = raw.rstrip(b"\r")
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            report.error(f"{path}:{i}:{exc.start + 1}", f"not UTF-8 text (byte 0x{raw[exc.start]:02x})")
+            continue
+        try:
+            yield i, json.loads(text)
+        except json.JSONDecodeError as exc:
+            truncated = i == last and _unclosed(text)
+            hint = " (the last line ends early: truncated file?)" if truncated else ""
+            report.error(f"{path}:{i}:{exc.colno}", f"invalid JSON{hint}: {exc.msg}")
+
+
+def _json_array(path: Path, text: str, report: LintReport) -> Iterator[tuple[int, Any]]:
+    """(line number, element) per element of a top-level JSON array, parsed one at a time."""
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    ws = re.compile(r"\s*")
+    while True:
+        pos = ws.match(text, pos).end()
+        if pos < len(text) and text[pos] == "]":
+            return
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            report.error(f"{path}:{exc.lineno}:{exc.colno}", f"invalid JSON: {exc.msg}")
+            return
+        yield text.count("\n", 0, pos) + 1, obj
+        pos = ws.match(text, end).end()
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+        elif pos >= len(text) or text[pos] != "]":
+            line, col = text.count("\n", 0, pos) + 1, pos - text.rfind("\n", 0, pos)
+            report.error(f"{path}:{line}:{col}", "invalid JSON: expected ',' or ']' after an array element"
+                         if pos < len(text) else "invalid JSON: the array is not closed (truncated file?)")
+            return
+
+
+def _chunks(text: str, max_tokens: int, tokenizer=None) -> Iterator[tuple[int, str]]:
+    """Split domain text into (first line, chunk) pieces of at most ``max_tokens``.
+
+    Paragraphs (blank-line separated) are packed whole while they fit; a longer paragraph
+    is cut at token boundaries (with a tokenizer) or at whitespace (by characters).
+    """
+    budget = max(1, max_tokens - 2)  # room for BOS and EOS
+
+    def size(s: str) -> int:
+        if tokenizer is not None:
+            return len(tokenizer.encode(s, add_special_tokens=False))
+        return math.ceil(len(s) / CHARS_PER_TOKEN)
+
+    paragraphs, current, start = [], [], 0
+    for i, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            if not current:
+                start = i
+            current.append(line)
+        elif current:
+            paragraphs.append((start, "\n".join(current)))
+            current = []
+    if current:
+        paragraphs.append((start, "\n".join(current)))
+
+    sep = size("\n\n")
+    chunk, chunk_line, used = [], 0, 0
+    for line, par in paragraphs:
+        n = size(par)
+        if chunk and used + sep + n > budget:
+            yield chunk_line, "\n\n".join(chunk)
+            chunk, used = [], 0
+        if n > budget:
+            yield from _split_long(par, line, budget, tokenizer)
+            continue
+        if not chunk:
+            chunk_line = line
+            used = n
+        else:
+            used += sep + n
+        chunk.append(par)
+    if chunk:
+        yield chunk_line, "\n\n".join(chunk)
+
+
+def _split_long(par: str, line: int, budget: int, tokenizer) -> Iterator[tuple[int, str]]:
+    cuts = []  # character offsets where pieces start
+    if tokenizer is not None:
+        offsets = tokenizer(par, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        cuts = [offsets[k][0] for k in range(0, len(offsets), budget)]
+    else:
+        width, pos = budget * CHARS_PER_TOKEN, 0
+        while pos < len(par):
+            cuts.append(pos)
+            end = pos + width
+            space = par.rfind(" ", pos + width // 2, end)
+            pos = space + 1 if end < len(par) and space > 0 else end
+    for a, b in zip(cuts, [*cuts[1:], len(par)]):
+        piece = par[a:b]
+        if piece.strip():
+            yield line + par.count("\n", 0, a), piece
+
+
+def load_file(path: str | Path, *, tokenizer=None, max_seq_length: int = 1024) -> tuple[list[Row], LintReport]:
+    """Read one data file; every row is checked. Returns the good rows and the report.
+
+    The file's format is that of its first recognised row; a row in another format is an
+    error naming its line. ``.txt``/``.md`` files become :class:`Text` chunks of at most
+    ``max_seq_length`` tokens (counted with ``tokenizer`` when given).
+    """
+    path = Path(path)
+    report = LintReport()
+    if not path.is_file():
+        report.error(str(path), "file not found" if not path.exists() else "not a file")
+        return [], report
+    suffix = path.suffix.lower()
+    if suffix not in (*JSON_SUFFIXES, *TEXT_SUFFIXES):
+        report.error(str(path), f"unsupported file type {suffix or '(none)'!r}: use .jsonl, .json, .txt or .md")
+        return [], report
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+
+    if suffix in TEXT_SUFFIXES:
+        try:
+            text = data.decode("utf-8").replace("\r\n", "\n")
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            report.error(f"{path}:{line}", f"not UTF-8 text (byte 0x{data[exc.start]:02x})")
+            return [], report
+        rows: list[Row] = [Text(chunk, Source(str(path), line))
+                           for line, chunk in _chunks(text, max_seq_length, tokenizer)]
+        if not rows:
+            report.error(str(path), "no text")
+        report.formats[str(path)] = "text"
+        return rows, report
+
+    stripped = data.lstrip()
+    if suffix == ".json" and stripped.startswith(b"["):
+        try:
+            items = list(_json_array(path, data.decode("utf-8"), report))
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            report.error(f"{path}:{line}", f"not UTF-8 text (byte 0x{data[exc.start]:02x})")
+            return [], report
+    else:  # JSON lines (also .json files written as JSON lines, as the datasets library does)
+        items = list(_json_lines(path, data, report))
+
+    rows = []
+    first: Optional[tuple[str, int]] = None  # (format, line)
+    mixed: list[tuple[int, str]] = []
+    for line, obj in items:
+        where = f"{path}:{line}"
+        if not isinstance(obj, dict):
+            report.error(where, f"expected a JSON object (one row), got {json_type(obj)}")
+            continue
+        fmt = detect_format(obj)
+        if fmt is None:
+            unknown_format(obj, where, report)
+            continue
+        if first is None:
+            first = (fmt, line)
+        elif fmt != first[0]:
+            mixed.append((line, fmt))
+            continue
+        row = convert_row(obj, fmt, Source(str(path), line), where, report)
+        if row is not None:
+            rows.append(row)
+    if mixed:
+        line, fmt = mixed[0]
+        more = f" ({len(mixed)} rows in other formats)" if len(mixed) > 1 else ""
+        report.error(f"{path}:{line}", f"row in {fmt!r} format, but this file's rows are {first[0]!r} "
+                                       f"(from line {first[1]}); use one format per file{more}")
+    if first is not None:
+        report.formats[str(path)] = first[0]
+    if not items and report.ok:
+        report.error(str(path), "no rows")
+    return rows, report
+
+
+# ---------------------------------------------------------------------------
+# splits
+
+
+def _split_files(directory: Path) -> dict[str, Path]:
+    found = {}
+    for split, stems in SPLIT_FILES.items():
+        for stem in stems:
+            hit = next((directory / f"{stem}{s}" for s in JSON_SUFFIXES if (directory / f"{stem}{s}").is_file()), None)
+            if hit is not None:
+                found[split] = hit
+                break
+    return found
+
+
+def hold_out(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
+    """Split ``fraction`` of ``rows`` off for validation, deterministically by ``seed``; order is kept."""
+    if fraction <= 0 or len(rows) < 2:
+        return list(rows), []
+    n_valid = min(len(rows) - 1, max(1, round(len(rows) * fraction)))
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    chosen = set(order[:n_valid])
+    return [r for i, r in enumerate(rows) if i not in chosen], [r for i, r in enumerate(rows) if i in chosen]
+
+
+def _sample(rows: list[Row], n: int, seed: int, name: str, where: str, report: LintReport) -> list[Row]:
+    if n >= len(rows):
+        if n > len(rows):
+            report.warning(where, f"asked for {n} rows, the source has {len(rows)}; using all of them")
+        return rows
+    keep = sorted(random.Random(f"{seed}:{name}").sample(range(len(rows)), n))  # str seeds are stable across runs
+    return [rows[i] for i in keep]
+
+
+def find_schema(paths: list[str], explicit: str | None = None) -> Optional[Path]:
+    """The JSON schema for answers: ``explicit`` (--json-schema), else ``schema.json`` beside the data."""
+    if explicit:
+        p = Path(explicit)
+        if not p.is_file():
+            raise UserError(f"{p}: JSON schema not found")
+        return p
+    for spec in paths:
+        path, _ = parse_source(spec)
+        candidate = (path if path.is_dir() else path.parent) / "schema.json"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_schema(path: Path):
+    """A jsonschema validator for ``path``; UserError naming the file if it is not a valid schema."""
+    import jsonschema
+
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+    cls = jsonschema.validators.validator_for(schema)
+    try:
+        cls.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise UserError(f"{path}: not a valid JSON schema: {exc.message}") from None
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+def check_answers(rows: list[Row], validator, schema_name: str, report: LintReport) -> None:
+    """Every final assistant answer must be JSON that satisfies the schema."""
+    from jsonschema.exceptions import best_match
+
+    for row in rows:
+        if not isinstance(row, Conversation) or row.messages[-1]["role"] != "assistant":
+            continue
+        try:
+            answer = json.loads(row.messages[-1]["content"])
+        except json.JSONDecodeError as exc:
+            report.error(str(row.source), f"answer is not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        err = best_match(validator.iter_errors(answer))
+        if err is not None:
+            at = "/".join(map(str, err.absolute_path))
+            report.error(str(row.source), f"answer does not match {schema_name}: {err.message}" +
+                         (f" (at {at})" if at else ""))
+
+
+def check_leakage(splits: Splits) -> None:
+    """Warn about valid/test rows whose prompt and answer also appear in train."""
+    seen: dict[str, Row] = {}
+    for row in splits.train:
+        seen.setdefault(row_key(row), row)
+    for name, rows in splits.items()[1:]:
+        for row in rows:
+            twin = seen.get(row_key(row))
+            if twin is not None:
+                splits.report.count(f"leaked_{name}")
+                splits.report.warning(str(row.source), f"same prompt and answer as train row {twin.source} "
+                                                       f"(leakage into {name})")
+
+
+def load_splits(paths: list[str], *, valid_fraction: float, seed: int, schema: str | None = None,
+                tokenizer=None, max_seq_length: int = 1024) -> Splits:
+    """Load every source into train/valid/test, lint every row, check leakage and the schema.
+
+    Never raises for bad data: call ``splits.report.raise_if_errors()`` before training.
+    Without any validation file, ``valid_fraction`` of train is held out (seeded).
+    ``tokenizer``/``max_seq_length`` size the chunks of ``.txt``/``.md`` sources.
+    """
+    splits = Splits()
+    report = splits.report
+    has_valid_file = False
+    for spec in paths:
+        path, n = parse_source(spec)
+        if n is not None and n < 1:
+            report.error(spec, "a sample count must be at least 1")
+            continue
+        if path.is_dir():
+            found = _split_files(path)
+            if "train" not in found:
+                texts = sorted(p for p in path.iterdir() if p.suffix.lower() in TEXT_SUFFIXES)
+                if not texts:
+                    report.error(str(path), "no train.jsonl (or train.json) in this directory")
+                    continue
+                found = {"train": texts}
+        elif path.exists():
+            found = {"train": path}
+        else:
+            report.error(str(path), "data not found")
+            continue
+        for split, files in found.items():
+            rows = []
+            for f in files if isinstance(files, list) else [files]:
+                got, file_report = load_file(f, tokenizer=tokenizer, max_seq_length=max_seq_length)
+                report.extend(file_report)
+                splits.files.append(f)
+                rows += got
+            if split == "train" and n is not None:
+                rows = _sample(rows, n, seed, path.name, spec, report)
+            has_valid_file |= split == "valid"
+            getattr(splits, split).extend(rows)
+    if not has_valid_file:
+        splits.train, splits.valid = hold_out(splits.train, valid_fraction, seed)
+        splits.valid_from_train = bool(splits.valid)
+    if not splits.train and not report.errors:
+        report.error("", "no training rows")
+    check_leakage(splits)
+    try:
+        splits.schema_path = find_schema(paths, schema)
+        if splits.schema_path is not None:
+            validator = load_schema(splits.schema_path)
+            for _, rows in splits.items():
+                check_answers(rows, validator, splits.schema_path.name, report)
+    except UserError as exc:
+        report.error("", exc.message)
+    return splits
+
+
+# ---------------------------------------------------------------------------
+# fingerprint and token statistics
+
+
+def fingerprint(splits: Splits) -> dict[str, Any]:
+    """Counts per split and sha256 over canonical row content (no paths): stable across runs and machines."""
+    out: dict[str, Any] = {}
+    total = hashlib.sha256()
+    for name, rows in splits.items():
+        h = hashlib.sha256()
+        for row in rows:
+            h.update(json.dumps(canonical(row), sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode())
+            h.update(b"\n")
+        out[name] = {"rows": len(rows), "sha256": h.hexdigest()}
+        total.update(f"{name}:{h.hexdigest()}\n".encode())
+    out["sha256"] = total.hexdigest()
+    out["valid_from_train"] = splits.valid_from_train
+    out["files"] = [str(f) for f in splits.files]
+    return out
+
+
+def percentile(values: list[int], q: float) -> int:
+    """Nearest-rank percentile (0 for no values)."""
+    if not values:
+        return 0
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def encode_split(rows: list[Row], formatter, max_len: int, policy: str, *,
+                 progress: bool = False) -> tuple[list[Example], dict[str, int]]:
+    """Tokenize rows with a ChatFormatter and apply the overlong policy (truncate/drop/error).
+
+    Lengths (p50/p95/max) are measured before the policy; supervised counts after it.
+    Examples left with no supervised token (an answer cut off by truncation) are dropped
+    and counted in ``zero_supervised``: they would teach nothing and divide a loss by zero.
+    """
+    from common.prompts import apply_length_policy
+
+    it = rows
+    if progress and len(rows) > 200:
+        from rich.progress import track
+
+        it = track(rows, description="tokenizing", transient=True)
+    examples = [formatter.encode(r) for r in it]
+    lengths = [len(e) for e in examples]
+    kept, policy_stats = apply_length_policy(examples, max_len, policy)
+    learned = [e for e in kept if e.n_supervised > 0]
+    stats = {
+        "rows": len(rows),
+        "examples": len(learned),
+        "tokens_total": sum(lengths),
+        "tokens_p50": percentile(lengths, 50),
+        "tokens_p95": percentile(lengths, 95),
+        "tokens_max": max(lengths, default=0),
+        "max_seq_length": max_len,
+        "supervised_tokens": sum(e.n_supervised for e in learned),
+        "zero_supervised": len(kept) - len(learned),
+        "overlong": policy_stats["overlong"],
+        "truncated": policy_stats["truncated"],
+        "dropped": policy_stats["dropped"],
+    }
+    return learned, stats
