@@ -1,0 +1,321 @@
+"""Merge a PEFT LoRA/DoRA adapter into the original base weights, tensor by tensor.
+
+Framework-free (numpy only). For a linear layer with base weight ``W`` (out, in),
+adapter ``A`` (r, in), ``B`` (out, r) and scaling ``s`` (``alpha / r``, or
+``alpha / sqrt(r)`` with rsLoRA)::
+
+    LoRA:  W' = W + s * B @ A
+    DoRA:  W' = m / ||W + s * B @ A||_row * (W + s * B @ A)   (norm over inputs, per output row; as peft)
+
+Rows are processed in chunks, so the peak extra memory is about one tensor. Keys
+follow PEFT's saved layout: ``base_model.model.<module>.lora_A.weight``,
+``...lora_B.weight`` (``.bias`` with lora_bias), ``...lora_magnitude_vector`` (DoRA),
+``...lora_embedding_A/B`` (embeddings), and whole tensors for ``modules_to_save``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from common.errors import UserError
+from common.export.st_io import SafeTensorsFile, SafeTensorsModel, TensorInfo, iter_chunks
+
+PREFIX = "base_model.model."
+# Tensors the base checkpoint may carry that are never weights of the model.
+SKIP_SUFFIXES = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
+
+
+@dataclass
+class ModuleDelta:
+    """The adapter's parts for one base module (``model.layers.0.self_attn.q_proj``)."""
+
+    module: str
+    A: Optional[str] = None  # adapter tensor names
+    B: Optional[str] = None
+    B_bias: Optional[str] = None
+    magnitude: Optional[str] = None
+    embedding: bool = False  # lora_embedding_A/B: delta = (B @ A).T
+    scaling: float = 1.0
+
+
+@dataclass
+class Adapter:
+    """A PEFT LoRA adapter directory, read lazily."""
+
+    path: Path
+    config: dict
+    file: SafeTensorsFile
+    deltas: dict[str, ModuleDelta] = field(default_factory=dict)  # base weight name -> delta
+    replacements: dict[str, str] = field(default_factory=dict)  # base tensor name -> adapter tensor (modules_to_save)
+
+    @property
+    def use_dora(self) -> bool:
+        return bool(self.config.get("use_dora"))
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(self.config.get("fan_in_fan_out"))
+
+    @property
+    def alpha(self) -> float:
+        return float(self.config.get("lora_alpha", 8))
+
+    @property
+    def rank(self) -> int:
+        return int(self.config.get("r", 8))
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """peft's rank_pattern/alpha_pattern: a key matches a module name suffix (or regex)."""
+    for key, value in (patterns or {}).items():
+        if module == key or module.endswith("." + key) or re.fullmatch(rf"(.*\.)?{key}", module):
+            return value
+    return default
+
+
+def scaling_for(config: dict, module: str, rank: int) -> float:
+    """LoRA scaling of one module: alpha/r, or alpha/sqrt(r) with use_rslora."""
+    alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8)))
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def load_adapter(adapter_dir: str | Path) -> Adapter:
+    """Read ``adapter_config.json`` and index ``adapter_model.safetensors`` by base module."""
+    d = Path(adapter_dir)
+    cfg_path, weights = d / "adapter_config.json", d / "adapter_model.safetensors"
+    if not cfg_path.exists() or not weights.exists():
+        raise UserError(f"{d}: not a PEFT adapter (need adapter_config.json and adapter_model.safetensors)")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{cfg_path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{cfg_path}: peft_type {config.get('peft_type')!r} cannot be merged (only LORA/DoRA)")
+    for unsupported in ("use_qalora", "use_bdlora"):
+        if config.get(unsupported):
+            raise UserError(f"{cfg_path}: {unsupported} adapters cannot be merged")
+    f = SafeTensorsFile(weights)
+    adapter = Adapter(d, config, f)
+    problems = []
+    by_module: dict[str, ModuleDelta] = {}
+    for key in f.keys():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.(weight|bias)", name)
+        e = re.fullmatch(r"(.+)\.(lora_embedding_A|lora_embedding_B)", name)
+        g = re.fullmatch(r"(.+)\.lora_magnitude_vector(?:\.weight)?", name)
+        if m:
+            delta = by_module.setdefault(m.group(1), ModuleDelta(m.group(1)))
+            if m.group(3) == "bias":
+                if m.group(2) != "lora_B":
+                    problems.append(f"{weights}: {key}: unexpected LoRA A bias")
+                delta.B_bias = key
+            else:
+                setattr(delta, "A" if m.group(2) == "lora_A" else "B", key)
+        elif e:
+            delta = by_module.setdefault(e.group(1), ModuleDelta(e.group(1), embedding=True))
+            delta.embedding = True
+            setattr(delta, "A" if e.group(2).endswith("A") else "B", key)
+        elif g:
+            by_module.setdefault(g.group(1), ModuleDelta(g.group(1))).magnitude = key
+        elif ".base_layer." in name:
+            continue  # peft saves the base embedding beside an embedding LoRA; the base dir is the truth
+        elif "lora_" in name:
+            problems.append(f"{weights}: {key}: unknown LoRA tensor kind")
+        else:  # modules_to_save: a whole replacement tensor
+            target = name.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
+            adapter.replacements[target] = key
+    for module, delta in by_module.items():
+        if delta.A is None or delta.B is None:
+            problems.append(f"{weights}: module {module!r} has {'lora_A' if delta.A else 'lora_B'} only")
+            continue
+        rank = f.tensors[delta.A].shape[0]
+        delta.scaling = scaling_for(config, module, rank)
+        if delta.magnitude is not None and not config.get("use_dora"):
+            problems.append(f"{weights}: {module}: DoRA magnitude present but use_dora is false")
+        if delta.embedding and delta.magnitude is not None:
+            problems.append(f"{weights}: {module}: DoRA on an embedding cannot be merged here; train it as plain LoRA")
+        if config.get("use_dora") and delta.magnitude is None and not delta.embedding:
+            problems.append(f"{weights}: {module}: use_dora is true but lora_magnitude_vector is missing")
+        adapter.deltas[f"{module}.weight"] = delta
+    if problems:
+        raise UserError(f"{d}: cannot read the adapter", problems)
+    return adapter
+
+
+class MergedModel:
+    """Base weights with an adapter applied, readable one tensor at a time.
+
+    ``names`` lists the output tensors in base order; :meth:`float32` returns a merged
+    tensor as a fresh float32 array; :meth:`info` gives its stored dtype and shape.
+    ``config_updates`` are keys to change in ``config.json`` (untying embeddings when
+    the adapter changes only one side of a tied pair).
+    """
+
+    def __init__(self, base_dir: str | Path, adapter: Adapter | None = None):
+        self.base_dir = Path(base_dir)
+        self.base = SafeTensorsModel(self.base_dir)
+        self.adapter = adapter
+        self.hf_config = json.loads((self.base_dir / "config.json").read_text(encoding="utf-8"))
+        text_cfg = self.hf_config.get("text_config") or self.hf_config
+        if self.hf_config.get("quantization_config") or text_cfg.get("quantization_config"):
+            raise UserError(f"{self.base_dir}: base weights are quantized ({self.hf_config.get('quantization_config')}); "
+                            "merge needs the original full-precision base model")
+        self.names = [n for n in self.base.keys() if not n.endswith(SKIP_SUFFIXES)]
+        self.config_updates: dict = {}
+        self._extra: dict[str, str] = {}  # new tensor name -> base tensor it copies
+        if adapter is not None:
+            self._check_adapter()
+            self._untie_if_needed()
+
+    # -- consistency ----------------------------------------------------------
+
+    def _check_adapter(self) -> None:
+        assert self.adapter is not None
+        problems = []
+        f = self.adapter.file
+        known = set(self.names)
+        for weight_name, d in self.adapter.deltas.items():
+            if weight_name not in known:
+                hint = f" (base has {', '.join(sorted(n for n in known if n.endswith(weight_name.split('.')[-2] + '.weight'))[:2])})"
+                problems.append(f"adapter module {d.module!r}: no base tensor {weight_name!r}{hint}")
+                continue
+            shape = self.base.info(weight_name).shape
+            a, b = f.tensors[d.A].shape, f.tensors[d.B].shape  # type: ignore[index]
+            if d.embedding:
+                ok = len(shape) == 2 and a[1] == shape[0] and b[0] == shape[1]
+            else:
+                out_f, in_f = (shape[1], shape[0]) if self.adapter.fan_in_fan_out else (shape[0], shape[1])
+                ok = len(shape) == 2 and a[1] == in_f and b[0] == out_f and a[0] == b[1]
+            if not ok:
+                problems.append(f"adapter module {d.module!r}: lora_A {a} / lora_B {b} do not fit base {weight_name} {shape}")
+            bias_name = weight_name[: -len(".weight")] + ".bias"
+            if d.B_bias is not None and bias_name not in known:
+                problems.append(f"adapter module {d.module!r}: has a LoRA bias but the base layer has no {bias_name!r}")
+        for target, key in self.adapter.replacements.items():
+            base_name = target if target in known else None
+            tied_head = target == "lm_head.weight" and self._tied
+            if base_name is None and not tied_head:
+                problems.append(f"adapter tensor {key!r}: no base tensor {target!r} to replace")
+            elif base_name is not None and f.tensors[key].shape != self.base.info(base_name).shape:
+                problems.append(f"adapter tensor {key!r}: shape {f.tensors[key].shape} != base {self.base.info(base_name).shape}")
+        if problems:
+            raise UserError(f"{self.adapter.path}: adapter does not match the base model {self.base_dir}", problems)
+
+    @property
+    def _tied(self) -> bool:
+        cfg = self.hf_config.get("text_config") or self.hf_config
+        tie = cfg.get("tie_word_embeddings", self.hf_config.get("tie_word_embeddings", True))
+        return bool(tie) and "lm_head.weight" not in self.base
+
+    def _untie_if_needed(self) -> None:
+        """Tied embeddings + an adapter that changes only one side -> write both sides.
+
+        During training peft's embedding LoRA is applied to the input only (lm_head reads
+        the shared base weight), and a modules_to_save lm_head replaces the output only.
+        The merged model must compute what was trained, so the pair is untied.
+        """
+        assert self.adapter is not None
+        embed = next((n for n in self.names if n.endswith("embed_tokens.weight")), None)
+        if not self._tied or embed is None:
+            return
+        changes_embed = embed in self.adapter.deltas or embed in self.adapter.replacements
+        changes_head = "lm_head.weight" in self.adapter.replacements or "lm_head.weight" in self.adapter.deltas
+        if changes_embed or changes_head:
+            self._extra["lm_head.weight"] = embed
+            self.names.append("lm_head.weight")
+            self.config_updates["tie_word_embeddings"] = False
+
+    # -- tensors ----------------------------------------------------------------
+
+    def info(self, name: str) -> TensorInfo:
+        return self.base.info(self._extra.get(name, name))
+
+    def is_changed(self, name: str) -> bool:
+        a = self.adapter
+        return a is not None and (name in a.deltas or name in a.replacements or name in self._extra)
+
+    def float32(self, name: str) -> np.ndarray:
+        """The merged tensor ``name`` as a new float32 array."""
+        a = self.adapter
+        if a is not None and name in a.replacements:
+            return a.file.float32(a.replacements[name])
+        if name in self._extra:
+            if a is not None and name in a.deltas:  # a LoRA on an (untied) lm_head
+                return self._apply(name, self.base.float32(self._extra[name]), a.deltas[name])
+            return self.base.float32(self._extra[name])
+        w = self.base.float32(name)
+        if a is not None and name in a.deltas:
+            return self._apply(name, w, a.deltas[name])
+        bias_delta = self._bias_delta(name)
+        if bias_delta is not None:
+            w += bias_delta
+        return w
+
+    def _bias_delta(self, name: str) -> np.ndarray | None:
+        """lora_bias: the base bias gains ``s * lora_B.bias``."""
+        a = self.adapter
+        if a is None or not name.endswith(".bias"):
+            return None
+        d = a.deltas.get(name[: -len(".bias")] + ".weight")
+        if d is None or d.B_bias is None:
+            return None
+        return a.file.float32(d.B_bias) * np.float32(d.scaling)
+
+    def _apply(self, name: str, w: np.ndarray, d: ModuleDelta) -> np.ndarray:
+        """Add the scaled low-rank update to ``w`` in place, row chunk by row chunk."""
+        a = self.adapter
+        assert a is not None and d.A is not None and d.B is not None
+        A, B = a.file.float32(d.A), a.file.float32(d.B)
+        s = np.float32(d.scaling)
+        if d.embedding:  # weight (vocab, dim); A (r, vocab), B (dim, r): delta = (B @ A).T
+            for i, j in iter_chunks(w.shape[0], w.shape[1]):
+                t = A[:, i:j].T @ B.T
+                t *= s
+                w[i:j] += t
+            return w
+        if a.fan_in_fan_out:  # Conv1D layout: weight (in, out), delta = (B @ A).T
+            if d.magnitude is not None:
+                return self._dora(w.T.copy(), A, B, s, a.file.float32(d.magnitude)).T.copy()
+            for i, j in iter_chunks(w.shape[0], w.shape[1]):
+                t = A[:, i:j].T @ B.T
+                t *= s
+                w[i:j] += t
+            return w
+        if d.magnitude is not None:
+            return self._dora(w, A, B, s, a.file.float32(d.magnitude))
+        for i, j in iter_chunks(w.shape[0], w.shape[1]):
+            t = B[i:j] @ A  # (rows, in) chunk of the update: peak extra memory is one chunk
+            t *= s
+            w[i:j] += t
+        return w
+
+    @staticmethod
+    def _dora(w: np.ndarray, A: np.ndarray, B: np.ndarray, s: np.float32, m: np.ndarray) -> np.ndarray:
+        """DoRA: rescale each output row of W + sBA to the learned magnitude m (norm per row, as peft)."""
+        if m.shape != (w.shape[0],):
+            raise UserError(f"DoRA magnitude has shape {m.shape}, expected ({w.shape[0]},)")
+        for i, j in iter_chunks(w.shape[0], w.shape[1]):
+            rows = w[i:j]
+            t = B[i:j] @ A
+            t *= s
+            rows += t
+            norm = np.linalg.norm(rows.astype(np.float64), axis=1).astype(np.float32)
+            rows *= (m[i:j] / norm)[:, None]
+        return w
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(name, merged float32 tensor) in output order, one at a time."""
+        for name in self.names:
+            yield name, self.float32(name)
+
+
+def open_merged(base_dir: str | Path, adapter_dir: str | Path | None) -> MergedModel:
+    """The base model at ``base_dir`` with the adapter at ``adapter_dir`` (or none) applied."""
+    return MergedModel(base_dir, load_adapter(adapter_dir) if adapter_dir else None)
