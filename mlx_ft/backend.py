@@ -1,0 +1,281 @@
+"""The MLX backend: mlx-lm models with LoRA/DoRA on Apple Metal, the CPU, or CUDA.
+
+Implements :class:`common.train.backend.Backend`; the shared loop owns data order,
+schedule, evaluation and checkpoints. The training step is compiled (``mx.compile``):
+one function computes loss and gradients of a micro-batch, another clips and applies
+AdamW; gradients of the micro-batches of a step are summed between the two.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_reduce
+
+from common.errors import UserError
+from common.io import atomic_path, write_json
+from common.train.backend import Batch, BackendInfo, StepStats
+from mlx_ft import lora, model as mlxm, peft_format
+
+OPTIMIZER_FILE = "mlx_optimizer.safetensors"
+RNG_FILE = "mlx_rng.json"
+BETAS = (0.9, 0.999)  # torch's AdamW defaults, which the torch backend uses
+EPS = 1e-8
+
+
+class AdamW(optim.AdamW):
+    """AdamW as torch computes it (bias correction on), decaying only matrices.
+
+    The torch backend puts 1-D parameters (DoRA magnitudes) in a no-decay group.
+    """
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        if parameter.ndim < 2:
+            return optim.Adam.apply_single(self, gradient, parameter, state)
+        return super().apply_single(gradient, parameter, state)
+
+
+def _mix(seed: int, n: int) -> int:
+    """A 64-bit key for micro-batch ``n`` of a run (splitmix64), so RNG state is just (seed, n)."""
+    z = (seed * 0x9E3779B97F4A7C15 + (n + 1) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return z ^ (z >> 31)
+
+
+def _loss(model: nn.Module, inputs: mx.array, targets: mx.array, weights: mx.array, segments: Optional[mx.array],
+          scale: mx.array) -> tuple[mx.array, mx.array]:
+    """(scale * loss sum, loss sum): fp32 cross-entropy of the weighted targets."""
+    cache = None
+    if segments is not None:
+        cache = [mlxm.SegmentMask(segments)] * len(model.layers)
+    logits = model(inputs, cache=cache).astype(mx.float32)
+    total = (nn.losses.cross_entropy(logits, targets, reduction="none") * weights).sum()
+    return total * scale, total
+
+
+class MLXBackend:
+    name = "mlx"
+
+    def __init__(self, compile: bool = True) -> None:
+        self.compile = compile  # mx.compile the step functions (tests compare both ways)
+        self.model: Optional[nn.Module] = None
+        self.received: Optional[dict[str, mx.array]] = None  # the last batch's arrays (tests read them)
+
+    # -- setup -------------------------------------------------------------------
+
+    def setup(self, model_dir: Path, cfg: Any, pad_id: int) -> BackendInfo:
+        notes: list[str] = []
+        if getattr(cfg, "device", None) == "cpu":
+            mx.set_default_device(mx.cpu)
+        self.pad_id = pad_id
+        self.seed = int(cfg.seed)
+        self.draws = 0  # micro-batches run so far: the dropout RNG position
+        self.dropout = float(cfg.lora_dropout)
+        self.use_rslora = bool(cfg.use_rslora)
+        model, _ = mlxm.load_base(Path(model_dir), trust_remote_code=cfg.trust_remote_code)
+        self.dtype = mlxm.resolve_dtype(cfg.dtype)
+        mlxm.cast_floats(model, self.dtype)
+        bits = 4 if cfg.load_in_4bit else 8 if cfg.load_in_8bit else None
+        if bits and mlxm.is_quantized(model):
+            notes.append(f"--load-in-{bits}bit: the base is already quantised; kept as it is")
+        elif bits:
+            n = mlxm.quantize(model, bits)
+            notes.append(f"base quantised to {bits}-bit (MLX affine, group {mlxm.QUANT_GROUP}): {n} layers")
+        mx.random.seed(self.seed)  # the adapter's initial values come from this seed
+        paths, missing = lora.attach(model, lora.LoraSpec.from_config(cfg))
+        if missing:
+            notes.append(f"targets not in this architecture (skipped): {', '.join(missing)}")
+        if cfg.grad_checkpoint:
+            mlxm.checkpoint_blocks(model)
+        if cfg.optim != "adamw":
+            notes.append(f"--optim {cfg.optim}: 8-bit optimizers are CUDA/bitsandbytes only; using adamw on MLX "
+                         "(a LoRA's optimizer state is small)")
+            print(f"note: {notes[-1]}")
+        self.weight_decay = float(cfg.weight_decay)
+        self.model = model
+        self.rope = mlxm.uses_rope(model)
+        self._new_optimizer()
+        mx.eval(model.parameters())
+        mx.reset_peak_memory()
+        trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+        total = sum(v.size for _, v in tree_flatten(model.parameters()))
+        notes.insert(0, f"mlx {mx.__version__} on {mlxm.device_name()}, compiled step: {self.compile}")
+        leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+        return BackendInfo(device=mlxm.device_name(), dtype=str(self.dtype).split(".")[-1], trainable_params=trainable,
+                           total_params=total, target_modules=leaves, notes=notes)
+
+    def _new_optimizer(self) -> None:
+        self.optimizer = AdamW(learning_rate=0.0, betas=list(BETAS), eps=EPS, weight_decay=self.weight_decay,
+                               bias_correction=True)
+        self.optimizer.init(self.model.trainable_parameters())
+        self._grads = None
+        self._nonfinite = False
+        self._build_steps()
+
+    def _build_steps(self) -> None:
+        """(Re)create the compiled functions; needed whenever the state trees they capture change."""
+        model, opt = self.model, self.optimizer
+        loss_and_grad = nn.value_and_grad(model, _loss)
+
+        def forward_backward(inputs, targets, weights, segments, scale):
+            (_, total), grads = loss_and_grad(model, inputs, targets, weights, segments, scale)
+            return total, grads
+
+        def update(grads, norm, max_norm):
+            coef = mx.minimum(max_norm / (norm + 1e-6), 1.0)  # torch's clip_grad_norm_ coefficient
+            opt.update(model, tree_map(lambda g: g * coef, grads))
+
+        if self.compile:
+            state = [model.state, mx.random.state]
+            forward_backward = mx.compile(forward_backward, inputs=state, outputs=state)
+            update = mx.compile(update, inputs=[model.state, opt.state], outputs=[model.state, opt.state])
+        self._fb = forward_backward
+        self._update = update
+
+    # -- batches -----------------------------------------------------------------
+
+    def _views(self, batch: Batch):
+        arrays = mlxm.batch_arrays(batch)
+        self.received = arrays
+        packed = mlxm.is_packed(batch)
+        if packed:
+            if not self.rope:
+                raise UserError("--packing on MLX needs a model with rotary position embeddings "
+                                "(mlx-lm models take no position ids)")
+            mlxm.check_positions(batch)
+        inputs, targets, weights, segments = mlxm.training_views(arrays)
+        return inputs, targets, weights, segments if packed else None
+
+    # -- training ----------------------------------------------------------------
+
+    def forward_backward(self, batch: Batch, scale: float) -> float:
+        self.model.train()
+        inputs, targets, weights, segments = self._views(batch)
+        mx.random.seed(_mix(self.seed, self.draws))  # dropout masks depend on (seed, micro-batch) only
+        self.draws += 1
+        total, grads = self._fb(inputs, targets, weights, segments, mx.array(scale, dtype=mx.float32))
+        value = float(total)
+        if not math.isfinite(value):
+            self._nonfinite = True  # its gradients are NaN too; the step will be skipped
+            return value
+        self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
+        mx.eval(self._grads)
+        return value
+
+    def optimizer_step(self, lr: float, max_grad_norm: float, skip: bool = False) -> StepStats:
+        grads, self._grads = self._grads, None
+        loss_finite, self._nonfinite = not self._nonfinite, False
+        if skip or not loss_finite or grads is None:
+            return StepStats(grad_norm=float("nan"), finite=loss_finite, skipped=True)
+        norm = mx.sqrt(tree_reduce(lambda acc, g: acc + g.astype(mx.float32).square().sum(), grads, mx.array(0.0)))
+        value = float(norm)
+        if not math.isfinite(value):
+            return StepStats(grad_norm=value, finite=False, skipped=True)
+        self.optimizer.learning_rate = lr
+        limit = max_grad_norm if max_grad_norm > 0 else math.inf
+        self._update(grads, norm, mx.array(limit, dtype=mx.float32))
+        mx.eval(self.model.trainable_parameters(), self.optimizer.state)
+        return StepStats(grad_norm=value, finite=True, skipped=False)
+
+    def eval_loss(self, batch: Batch) -> tuple[float, int]:
+        self.model.eval()
+        inputs, targets, weights, segments = self._views(batch)
+        _, total = _loss(self.model, inputs, targets, weights, segments, mx.array(1.0))
+        count = weights.sum()
+        mx.eval(total, count)
+        self.model.train()
+        return float(total), int(count.item())
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
+        from mlx_lm.generate import generate_step
+
+        self.model.eval()
+        out: list[int] = []
+        stops = set(stop_ids)
+        try:
+            for token, _ in generate_step(mx.array(prompt_ids, dtype=mx.int32), self.model, max_tokens=max_new_tokens):
+                t = int(token)
+                if t in stops:
+                    break
+                out.append(t)
+        finally:
+            self.model.train()
+        return out
+
+    def logits(self, input_ids: list[list[int]]) -> mx.array:
+        """fp32 logits of unpadded rows (eval mode): what parity tests compare."""
+        self.model.eval()
+        try:
+            out = self.model(mx.array(input_ids, dtype=mx.int32)).astype(mx.float32)
+            mx.eval(out)
+        finally:
+            self.model.train()
+        return out
+
+    # -- adapters ----------------------------------------------------------------
+
+    def save_adapter(self, out_dir: Path, base_model: str) -> None:
+        bad = [p for p, v in tree_flatten(self.model.trainable_parameters()) if not bool(mx.isfinite(v).all())]
+        if bad:
+            raise ValueError(f"refusing to save non-finite adapter weights: {', '.join(bad[:5])}")
+        peft_format.save_peft(self.model, out_dir, base_model=str(base_model), dropout=self.dropout,
+                              use_rslora=self.use_rslora)
+
+    def load_adapter(self, adapter_dir: Path) -> None:
+        rebuilt, config = peft_format.load_peft(self.model, adapter_dir)
+        self.use_rslora = bool(config.get("use_rslora", False))
+        if rebuilt:  # new parameters: a fresh optimizer (load_state may restore it next)
+            self.dropout = float(config.get("lora_dropout", 0.0))
+            self._new_optimizer()  # gradient checkpointing lives on the blocks, which stay
+        else:
+            self._grads = None
+            self._build_steps()  # scales are traced into the compiled step as constants
+
+    # -- state -------------------------------------------------------------------
+
+    def save_state(self, out_dir: Path) -> list[str]:
+        out_dir = Path(out_dir)
+        flat = dict(tree_flatten(self.optimizer.state))
+        step = int(self.optimizer.state["step"].item())
+        with atomic_path(out_dir / OPTIMIZER_FILE) as tmp:
+            with open(tmp, "wb") as fh:
+                mx.save_safetensors(fh, flat, metadata={"format": "mlx", "optimizer": "AdamW", "step": str(step)})
+        write_json(out_dir / RNG_FILE, {"backend": "mlx", "seed": self.seed, "draws": self.draws})
+        return [OPTIMIZER_FILE, RNG_FILE]
+
+    def load_state(self, in_dir: Path, allow_partial: bool = False) -> None:
+        in_dir = Path(in_dir)
+        ofile, rfile = in_dir / OPTIMIZER_FILE, in_dir / RNG_FILE
+        if not ofile.exists():
+            if allow_partial:
+                return
+            raise UserError(f"{in_dir}: checkpoint has no MLX optimizer state; resuming would change the run "
+                            "(pass --allow-partial-resume to continue with a fresh optimizer)", [f"{ofile}: missing"])
+        loaded = mx.load(str(ofile))
+        current = dict(tree_flatten(self.optimizer.state))
+        problems = [f"{ofile}: {k}: missing" for k in current if k not in loaded]
+        problems += [f"{ofile}: {k}: not a state of this adapter" for k in loaded if k not in current]
+        problems += [f"{ofile}: {k}: shape {tuple(loaded[k].shape)}, expected {tuple(v.shape)}"
+                     for k, v in current.items() if k in loaded and loaded[k].shape != v.shape]
+        if problems:
+            raise UserError(f"{in_dir}: optimizer state does not fit this adapter", problems)
+        self.optimizer.state = tree_map_with_path(lambda path, v: loaded[path].astype(v.dtype), self.optimizer.state)
+        self.optimizer.init(self.model.trainable_parameters())  # marks it initialised; keeps the loaded values
+        if rfile.exists():
+            rng = json.loads(rfile.read_text(encoding="utf-8"))
+            self.seed, self.draws = int(rng["seed"]), int(rng["draws"])
+        self._grads = None
+        self._build_steps()
+
+    def peak_memory(self) -> Optional[int]:
+        peak = int(mx.get_peak_memory())
+        return peak or None
+
+
