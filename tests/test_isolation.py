@@ -1,0 +1,58 @@
+"""`common/` works with torch and mlx absent: every module imports, and check-data runs."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent("""
+    import importlib, json, pkgutil, sys
+
+    BLOCKED = ("torch", "mlx", "mlx_lm")
+
+    class Blocker:  # behaves as if the backends were not installed
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked by test_isolation)", name=name)
+            return None
+
+    sys.meta_path.insert(0, Blocker())
+    import common
+
+    imported, failed = [], []
+    for mod in pkgutil.walk_packages(common.__path__, "common."):
+        if mod.name == "common.__main__":  # importing it runs the CLI; common.cli is imported instead
+            continue
+        try:
+            importlib.import_module(mod.name)
+            imported.append(mod.name)
+        except Exception as exc:
+            failed.append(f"{mod.name}: {type(exc).__name__}: {exc}")
+
+    from common.check_data import CheckDataConfig, run
+    code = run(CheckDataConfig(paths=[sys.argv[1]], tokens=False, system_prompt_file=None))
+    leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+    print(json.dumps({"imported": imported, "failed": failed, "code": code, "leaked": leaked}))
+""")
+
+
+def test_common_imports_and_check_data_runs_without_torch_or_mlx(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+            for i in range(5)]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(data)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["failed"] == []
+    on_disk = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+               for p in (ROOT / "common").rglob("*.py") if p.name != "__main__.py"}
+    assert on_disk <= set(result["imported"])  # nothing skipped (e.g. a folder without __init__.py)
+    assert {"common.data", "common.data_formats", "common.check_data", "common.config", "common.prompts"} <= set(
+        result["imported"])
+    assert result["code"] == 0 and result["leaked"] == []
