@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent("""
     sys.meta_path.insert(0, Blocker())
     import common
 
-    imported, failed = [], []
+    imported, failed = ["common"], []
     for mod in pkgutil.walk_packages(common.__path__, "common."):
         if mod.name == "common.__main__":  # importing it runs the CLI; common.cli is imported instead
             continue
