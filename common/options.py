@@ -42,7 +42,7 @@ class DataOptions:
 
 @register
 @dataclass
-class TrainConfig(ModelOptions, DataOptions):
+class TrainConfig(DataOptions, ModelOptions):  # fields: model options first, then data
     out: Optional[str] = opt(None, "run directory (default: runs/<model>-<timestamp>)")
     backend: Literal["auto", "torch", "mlx"] = opt("auto", "training backend; auto = MLX on Apple Silicon when "
                                                   "installed, else PyTorch")
@@ -68,7 +68,7 @@ class TrainConfig(ModelOptions, DataOptions):
     use_dora: bool = opt(False, "weight-decomposed LoRA (DoRA)")
     use_rslora: bool = opt(False, "rank-stabilised LoRA scaling alpha/sqrt(r)")
     load_in_4bit: bool = opt(False, "QLoRA: 4-bit base (bitsandbytes nf4 on CUDA; MLX's 4-bit on a Mac)")
-    load_in_8bit: bool = opt(False, "8-bit base (MLX backend)")
+    load_in_8bit: bool = opt(False, "8-bit base (MLX's 8-bit on a Mac; bitsandbytes int8 on CUDA)")
     grad_checkpoint: bool = opt(False, "gradient checkpointing: less memory, ~30% slower")
     packing: bool = opt(False, "pack several examples per row, padding-free, no attention across examples")
     group_by_length: bool = opt(True, "batch rows of similar length together (less padding)")
@@ -107,4 +107,15 @@ class TrainConfig(ModelOptions, DataOptions):
                 problems.append(f"report_to: unknown logger {r!r} (choose wandb or tensorboard)")
         if self.keep < 1:
             problems.append(f"keep: must be >= 1, got {self.keep}")
+        for name in ("warmup_steps", "eval_every", "save_every", "sample_prompts", "max_grad_norm", "weight_decay"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("log_every",):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("early_stop_patience", "eval_batches", "num_layers"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                problems.append(f"{name}: must be >= 1 (or unset), got {getattr(self, name)}")
+        if self.early_stop_patience is not None and self.eval_every == 0:
+            problems.append("early_stop_patience: needs periodic evaluation (set --eval-every N > 0)")
         return problems

@@ -1,0 +1,311 @@
+"""The training loop, shared by every backend: plain Python and numpy around a Backend.
+
+Per optimizer step: take ``grad_accum`` micro-batches from the stream, scale each one's
+loss by 1/(supervised tokens of the whole step) so the step's gradient is the mean over
+its tokens however they fall into micro-batches, step at the scheduled learning rate.
+Around that: evaluation and sample answers, keep-best, early stopping, checkpoints,
+resume, non-finite guard, Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from common.errors import UserError
+from common.io import atomic_dir
+from common.rows import Example
+from common.train import checkpoint as ckpts
+from common.train.backend import Backend
+from common.train.batching import DataStream, Position, eval_plan, make_batch
+from common.train.metrics import MetricsLog
+from common.train.progress import TrainProgress
+from common.train.schedule import lr_at
+
+INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT), checkpoint written
+
+
+@dataclass
+class Sample:
+    """A validation prompt to answer greedily at each evaluation."""
+
+    prompt_ids: list[int]
+    expected: Optional[str]
+    max_new_tokens: int = 64
+    prompt_text: str = ""
+
+
+@dataclass
+class TrainData:
+    train: list[Example]
+    valid: list[Example]
+    pad_id: int
+    samples: list[Sample] = field(default_factory=list)
+    decode: Callable[[list[int]], str] = lambda ids: " ".join(map(str, ids))
+    stop_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class LoopState:
+    """Everything besides tensors that a resumed run needs to continue exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    index: int = 0  # next micro-batch of the epoch's plan
+    tokens: int = 0  # real tokens trained on
+    train_time_s: float = 0.0  # time in optimizer steps (excludes eval and checkpoints)
+    best_eval_loss: Optional[float] = None
+    best_step: Optional[int] = None
+    last_eval_loss: Optional[float] = None
+    last_eval_step: Optional[int] = None
+    evals_without_improvement: int = 0
+    nonfinite_steps: int = 0
+    python_rng: Any = None
+    numpy_rng: Any = None
+
+
+def _rng_states() -> tuple[Any, Any]:
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [version, list(internal), gauss], [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _set_rng_states(py: Any, npy: Any) -> None:
+    if py is not None:
+        random.setstate((py[0], tuple(py[1]), py[2]))
+    if npy is not None:
+        np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4]))
+
+
+class Interrupt:
+    """First Ctrl-C: finish the step, write a checkpoint, exit 130. Second: stop at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def __enter__(self) -> "Interrupt":
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread (tests may run us in a thread)
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+class Trainer:
+    def __init__(self, cfg: Any, backend: Backend, data: TrainData, run_dir: Path, *, base_model: str,
+                 run_info: dict[str, Any], log: MetricsLog, progress_console=None):
+        self.cfg = cfg
+        self.backend = backend
+        self.data = data
+        self.run_dir = Path(run_dir)
+        self.base_model = base_model
+        self.run_info = run_info
+        self.log = log
+        self.console = progress_console
+        self.state = LoopState()
+        self.stream = DataStream(data.train, batch_size=cfg.batch_size, seed=cfg.seed, pad_id=data.pad_id,
+                                 group_by_length=cfg.group_by_length, packing=cfg.packing, max_len=cfg.max_seq_length)
+        if cfg.max_steps is not None:
+            self.total_steps = cfg.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(self.stream.micro_batches_for(cfg.epochs) / cfg.grad_accum))
+        self.last_checkpoint: Optional[Path] = None
+        self.stop_reason = "completed"
+
+    # -- resume ------------------------------------------------------------------
+
+    def restore(self, ckpt: Path) -> None:
+        """Continue from a verified checkpoint: adapter, optimizer, RNG, step and data position."""
+        trainer_state, _ = ckpts.read(ckpt)
+        self.backend.load_adapter(ckpt / "adapter")
+        self.backend.load_state(ckpt, allow_partial=self.cfg.allow_partial_resume)
+        self.state = LoopState(**trainer_state)
+        _set_rng_states(self.state.python_rng, self.state.numpy_rng)
+        self.stream.position = Position(self.state.epoch, self.state.index)
+        self.last_checkpoint = ckpt
+        self.log.log("resume", self.state.step, checkpoint=str(ckpt))
+
+    # -- evaluation ----------------------------------------------------------------
+
+    def evaluate(self) -> Optional[float]:
+        if not self.data.valid:
+            return None
+        plan = eval_plan([len(e) for e in self.data.valid], batch_size=self.cfg.batch_size,
+                         packing=self.cfg.packing, max_len=self.cfg.max_seq_length)
+        if self.cfg.eval_batches is not None:
+            plan = plan[: self.cfg.eval_batches]
+        total, count = 0.0, 0
+        for rows in plan:
+            s, n = self.backend.eval_loss(make_batch([[self.data.valid[i] for i in row] for row in rows],
+                                                     self.data.pad_id))
+            total += s
+            count += n
+        return total / count if count else None
+
+    def samples(self, progress: TrainProgress) -> None:
+        for k, sample in enumerate(self.data.samples[: self.cfg.sample_prompts]):
+            ids = self.backend.generate(sample.prompt_ids, sample.max_new_tokens, self.data.stop_ids)
+            text = self.data.decode(ids)
+            mark = "" if sample.expected is None else (" [green]✓[/]" if text.strip() == sample.expected.strip()
+                                                      else " [red]✗[/]")
+            progress.print(f"  sample {k + 1}: [dim]{sample.prompt_text[-60:]!r}[/] -> {text!r}{mark}")
+            self.log.log("sample", self.state.step, index=k, prompt=sample.prompt_text, output=text,
+                         expected=sample.expected, exact=None if sample.expected is None
+                         else text.strip() == sample.expected.strip())
+
+    def eval_and_keep_best(self, progress: TrainProgress) -> None:
+        s = self.state
+        loss = self.evaluate()
+        s.last_eval_step = s.step
+        if loss is None:
+            return
+        s.last_eval_loss = loss
+        improved = math.isfinite(loss) and (s.best_eval_loss is None or loss < s.best_eval_loss)
+        if improved:
+            s.best_eval_loss, s.best_step, s.evals_without_improvement = loss, s.step, 0
+            self.save_best()
+        else:
+            s.evals_without_improvement += 1
+        self.log.log("eval", s.step, eval_loss=loss, best=improved, best_eval_loss=s.best_eval_loss)
+        progress.print(f"step {s.step}: eval loss {loss:.4f}" + (" (best)" if improved else
+                                                                  f" (best {s.best_eval_loss:.4f} at step {s.best_step})"))
+        progress.update(s.step, eval_loss=loss)
+        self.samples(progress)
+
+    def save_best(self) -> None:
+        with atomic_dir(self.run_dir / "adapter") as tmp:
+            self.backend.save_adapter(tmp, self.base_model)
+
+    # -- checkpoints -------------------------------------------------------------------
+
+    def save_checkpoint(self, progress: TrainProgress) -> None:
+        s = self.state
+        s.epoch, s.index = self.stream.position.epoch, self.stream.position.index
+        s.python_rng, s.numpy_rng = _rng_states()
+
+        def files(tmp: Path) -> list[str]:
+            (tmp / "adapter").mkdir()
+            self.backend.save_adapter(tmp / "adapter", self.base_model)
+            return self.backend.save_state(tmp)
+
+        path = ckpts.write(self.run_dir, s.step, files, asdict(s), self.run_info)
+        problems = ckpts.verify(path)
+        if problems:  # the disk did not keep what we wrote: never rotate the previous one away
+            progress.print(f"[red]warning: checkpoint {path} does not verify: {'; '.join(problems)}[/]")
+            self.log.log("checkpoint", s.step, path=str(path), verified=False)
+            return
+        self.last_checkpoint = path
+        ckpts.rotate(self.run_dir, self.cfg.keep, path)
+        self.log.log("checkpoint", s.step, path=str(path.relative_to(self.run_dir)), verified=True)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def train_step(self) -> tuple[float, Any, list[int]]:
+        """One optimizer step; returns (mean token loss, StepStats, example indices)."""
+        cfg, s = self.cfg, self.state
+        micro = [self.stream.next() for _ in range(cfg.grad_accum)]
+        total = sum(b.n_supervised for b, _ in micro)
+        lr = lr_at(s.step, peak=cfg.lr, warmup=cfg.warmup_steps, total=self.total_steps, kind=cfg.schedule)
+        loss_sum, finite = 0.0, True
+        for batch, _ in micro:
+            if total == 0:
+                break
+            value = self.backend.forward_backward(batch, 1.0 / total)
+            loss_sum += value
+            finite = finite and math.isfinite(value)
+        stats = self.backend.optimizer_step(lr, cfg.max_grad_norm, skip=total == 0 or not finite)
+        s.tokens += sum(b.n_tokens for b, _ in micro)
+        s.step += 1
+        return (loss_sum / total if total else float("nan")), stats, [i for _, idx in micro for i in idx], lr
+
+    def handle_nonfinite(self, loss: float, stats, indices: list[int], progress: TrainProgress) -> None:
+        s = self.state
+        what = "loss" if not math.isfinite(loss) else "gradient"
+        sources = sorted({str(self.data.train[i].source) for i in indices if self.data.train[i].source})
+        action = self.cfg.nonfinite
+        s.nonfinite_steps += 1
+        self.log.log("nonfinite", s.step, what=what, loss=loss if math.isfinite(loss) else str(loss),
+                     grad_norm=stats.grad_norm if math.isfinite(stats.grad_norm) else str(stats.grad_norm),
+                     action=action, examples=sources[:20])
+        where = f" (examples: {', '.join(sources[:5])})" if sources else ""
+        if action == "abort":
+            raise UserError(f"non-finite {what} at step {s.step}{where}; stopped without saving it",
+                            ["lower --lr, check the data, or use --nonfinite skip"])
+        progress.print(f"[yellow]step {s.step}: non-finite {what}, step skipped{where}[/]")
+
+    def fit(self, resume: Optional[Path] = None) -> dict[str, Any]:
+        cfg, s = self.cfg, self.state
+        if resume is not None:
+            self.restore(resume)
+        wall0 = time.time()
+        with TrainProgress(self.total_steps, s.step, self.console) as progress, Interrupt() as interrupt:
+            while s.step < self.total_steps:
+                t0 = time.perf_counter()
+                loss, stats, indices, lr = self.train_step()
+                s.train_time_s += time.perf_counter() - t0
+                tps = s.tokens / s.train_time_s if s.train_time_s > 0 else 0.0
+                if not stats.finite or not math.isfinite(loss):
+                    self.handle_nonfinite(loss, stats, indices, progress)
+                elif s.step % cfg.log_every == 0 or s.step == self.total_steps:
+                    self.log.log("train", s.step, loss=loss, lr=lr, grad_norm=stats.grad_norm, tokens=s.tokens,
+                                 tokens_per_s=round(tps, 1), skipped=stats.skipped,
+                                 epoch=round(self.epoch_progress(), 4))
+                progress.update(s.step, loss=loss if math.isfinite(loss) else None, lr=lr, tokens_per_s=tps,
+                                peak_memory=self.backend.peak_memory())
+                if cfg.eval_every and s.step % cfg.eval_every == 0 and s.step < self.total_steps:
+                    self.eval_and_keep_best(progress)
+                    if cfg.early_stop_patience and s.evals_without_improvement >= cfg.early_stop_patience:
+                        self.stop_reason = "early_stop"
+                        self.log.log("early_stop", s.step, best_step=s.best_step, best_eval_loss=s.best_eval_loss)
+                        progress.print(f"early stop: {s.evals_without_improvement} evaluations without improvement")
+                        break
+                if interrupt.requested:
+                    self.stop_reason = "interrupted"
+                    break
+                if cfg.save_every and s.step % cfg.save_every == 0 and s.step < self.total_steps:
+                    self.save_checkpoint(progress)
+            if self.stop_reason == "interrupted":
+                self.save_checkpoint(progress)
+                self.log.log("interrupt", s.step, checkpoint=str(self.last_checkpoint))
+                progress.print(f"interrupted: checkpoint {self.last_checkpoint} written; continue with --resume")
+            else:
+                if s.last_eval_step != s.step:
+                    self.eval_and_keep_best(progress)
+                if not self.data.valid:  # nothing to choose by: the final adapter is the one kept
+                    self.save_best()
+                    s.best_step = s.step
+                self.save_checkpoint(progress)
+        return self.summary(time.time() - wall0)
+
+    def epoch_progress(self) -> float:
+        pos = self.stream.position
+        n = len(self.stream.plan(pos.epoch)) or 1
+        return pos.epoch + pos.index / n
+
+    def summary(self, wall: float) -> dict[str, Any]:
+        s = self.state
+        return {"stop_reason": self.stop_reason, "steps": s.step, "total_steps": self.total_steps,
+                "epochs": round(self.epoch_progress(), 4), "wall_time_s": round(wall, 2),
+                "train_time_s": round(s.train_time_s, 2), "tokens": s.tokens,
+                "tokens_per_s": round(s.tokens / s.train_time_s, 1) if s.train_time_s else None,
+                "peak_memory_bytes": self.backend.peak_memory(), "best_step": s.best_step,
+                "best_eval_loss": s.best_eval_loss, "last_eval_loss": s.last_eval_loss,
+                "nonfinite_steps": s.nonfinite_steps,
+                "last_checkpoint": str(self.last_checkpoint.relative_to(self.run_dir)) if self.last_checkpoint else None}

@@ -1,0 +1,52 @@
+"""``loss.png``: train and eval loss against the optimizer step, from metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from common.io import atomic_path
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The events of a metrics.jsonl; a torn last line (a killed run) is ignored."""
+    events = []
+    if not Path(path).exists():
+        return events
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+def plot_loss(metrics_file: Path, out_png: Path, title: str = "") -> None:
+    """Draw the curves with matplotlib's Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    events = read_metrics(metrics_file)
+    train = [(e["step"], e["loss"]) for e in events if e.get("event") == "train" and e.get("loss") is not None]
+    evals = [(e["step"], e["eval_loss"]) for e in events if e.get("event") == "eval"]
+    best = [(e["step"], e["eval_loss"]) for e in events if e.get("event") == "eval" and e.get("best")]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1, alpha=0.8)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval", linewidth=1.5, markersize=3)
+    if best:
+        ax.plot(*best[-1], "*", markersize=12, color="tab:red", label=f"best (step {best[-1][0]})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if train or evals:
+        ax.legend()
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

@@ -1,0 +1,74 @@
+"""The live training display (rich): step, loss, eval loss, lr, tokens/s, peak memory, ETA.
+
+On a terminal it is a progress bar with the numbers beside it; in a log (no terminal)
+it prints one plain line every few percent so CI logs stay readable.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+def human_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n}"
+
+
+class TrainProgress:
+    def __init__(self, total_steps: int, start_step: int = 0, console: Console | None = None):
+        self.console = console or Console(stderr=True)
+        self.total = total_steps
+        self.live = self.console.is_terminal
+        self.every = max(1, total_steps // 20)
+        self.fields = {"loss": "-", "eval": "-", "lr": "-", "tps": "-", "mem": "-"}
+        self.progress = None
+        self.printed = start_step
+        if self.live:
+            self.progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  eval {task.fields[eval]}  lr {task.fields[lr]}  "
+                           "{task.fields[tps]} tok/s  mem {task.fields[mem]}"),
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                console=self.console, transient=False)
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, **self.fields)
+
+    def __enter__(self) -> "TrainProgress":
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def update(self, step: int, *, loss: float | None = None, eval_loss: float | None = None,
+               lr: float | None = None, tokens_per_s: float | None = None, peak_memory: int | None = None) -> None:
+        if loss is not None:
+            self.fields["loss"] = f"{loss:.4f}"
+        if eval_loss is not None:
+            self.fields["eval"] = f"{eval_loss:.4f}"
+        if lr is not None:
+            self.fields["lr"] = f"{lr:.2e}"
+        if tokens_per_s is not None:
+            self.fields["tps"] = f"{tokens_per_s:,.0f}"
+        if peak_memory is not None:
+            self.fields["mem"] = human_bytes(peak_memory)
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, **self.fields)
+        elif step != self.printed and (step % self.every == 0 or step == self.total):
+            self.printed = step
+            f = self.fields
+            self.console.print(f"step {step}/{self.total}  loss {f['loss']}  eval {f['eval']}  lr {f['lr']}  "
+                               f"{f['tps']} tok/s  mem {f['mem']}", highlight=False)
+
+    def print(self, *args, **kwargs) -> None:
+        """Print above the bar (samples, warnings, checkpoint notes)."""
+        self.console.print(*args, **kwargs)

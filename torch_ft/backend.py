@@ -1,0 +1,195 @@
+"""The PyTorch backend: transformers + peft on CUDA, ROCm, MPS or CPU.
+
+Implements :class:`common.train.backend.Backend`; the shared loop owns everything else.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from common.errors import UserError
+from common.train.backend import Batch, BackendInfo, StepStats
+from torch_ft import device as devices
+from torch_ft import state as states
+from torch_ft.loss import model_inputs, supervised_loss
+from torch_ft.model import attach_lora, load_base
+from torch_ft.optim import make_optimizer
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self) -> None:
+        self.model = None  # the peft model
+        self.prec: devices.Precision | None = None
+        self._nonfinite = False  # a non-finite loss was seen since the last optimizer step
+        self._mode: bool | None = None
+
+    # -- setup -----------------------------------------------------------------
+
+    def setup(self, model_dir: Path, cfg: Any, pad_id: int) -> BackendInfo:
+        self.prec = devices.choose(cfg.device, cfg.dtype)
+        self.pad_id = pad_id
+        base = load_base(Path(model_dir), cfg, self.prec)
+        self.model, targets = attach_lora(base, cfg, cfg.seed)
+        self.causal_lm = self.model.get_base_model()
+        self.attn_impl = getattr(self.causal_lm.config, "_attn_implementation", "sdpa") or "sdpa"
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer, notes = make_optimizer(cfg.optim, self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                               prec=self.prec)
+        self.scaler = torch.amp.GradScaler(self.prec.device.type) if self.prec.grad_scaler else None
+        self.optimizer.zero_grad(set_to_none=True)
+        devices.reset_peak_memory(self.prec)
+        trainable = sum(p.numel() for p in self.params)
+        total = sum(p.numel() for p in self.model.parameters())
+        notes = [f"torch {torch.__version__}: {self.prec.description}, attention {self.attn_impl}"] + notes
+        if cfg.load_in_4bit:
+            notes.append("QLoRA: nf4 base with double quantisation, "
+                         f"{self.prec.dtype_name} compute")
+        return BackendInfo(device=str(self.prec.device), dtype=self.prec.dtype_name, trainable_params=trainable,
+                           total_params=total, target_modules=targets, notes=notes)
+
+    def _train_mode(self, on: bool) -> None:
+        if self._mode is not on:
+            self.model.train(on)
+            self._mode = on
+
+    def _inputs(self, batch: Batch) -> tuple[dict, torch.Tensor]:
+        mask_dtype = self.prec.dtype if self.prec.autocast else next(self.causal_lm.parameters()).dtype
+        if not mask_dtype.is_floating_point:
+            mask_dtype = torch.float32
+        inputs = model_inputs(batch, self.prec.device, mask_dtype, self.attn_impl)
+        loss_mask = torch.tensor(batch.loss_mask, dtype=torch.long, device=self.prec.device)
+        return inputs, loss_mask
+
+    # -- training ----------------------------------------------------------------
+
+    def forward_backward(self, batch: Batch, scale: float) -> float:
+        self._train_mode(True)
+        inputs, loss_mask = self._inputs(batch)
+        with devices.autocast(self.prec):
+            loss_sum, _ = supervised_loss(self.causal_lm, inputs, loss_mask)
+        value = float(loss_sum.detach())
+        if not math.isfinite(value):
+            self._nonfinite = True  # gradients would be NaN too; the step will be skipped
+            return value
+        loss = loss_sum * scale
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        return value
+
+    def optimizer_step(self, lr: float, max_grad_norm: float, skip: bool = False) -> StepStats:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_finite = not self._nonfinite
+        self._nonfinite = False
+        if skip or not loss_finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepStats(grad_norm=float("nan"), finite=loss_finite, skipped=True)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        limit = max_grad_norm if max_grad_norm > 0 else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, limit))
+        grads_finite = math.isfinite(norm)
+        if self.scaler is not None:
+            # fp16: an overflow is routine; the scaler skips the step and lowers its scale.
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            finite, skipped = True, not grads_finite
+        else:
+            if grads_finite:
+                self.optimizer.step()
+            finite, skipped = grads_finite, not grads_finite
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepStats(grad_norm=norm, finite=finite, skipped=skipped)
+
+    @torch.no_grad()
+    def eval_loss(self, batch: Batch) -> tuple[float, int]:
+        self._train_mode(False)
+        inputs, loss_mask = self._inputs(batch)
+        with devices.autocast(self.prec):
+            loss_sum, n = supervised_loss(self.causal_lm, inputs, loss_mask)
+        return float(loss_sum), n
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
+        from transformers import GenerationConfig
+
+        self._train_mode(False)
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.prec.device)
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                               eos_token_id=list(stop_ids) or None, pad_token_id=self.pad_id)
+        with devices.autocast(self.prec):
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen)
+        new = out[0, len(prompt_ids):].tolist()
+        stops = set(stop_ids)
+        for k, t in enumerate(new):
+            if t in stops:
+                return new[:k]
+        return new
+
+    # -- adapters and state --------------------------------------------------------
+
+    def save_adapter(self, out_dir: Path, base_model: str) -> None:
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        out_dir = Path(out_dir)
+        weights = get_peft_model_state_dict(self.model)
+        bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"refusing to save non-finite adapter weights: {', '.join(bad[:5])}")
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(out_dir / ADAPTER_WEIGHTS),
+                  metadata={"format": "pt"})
+        config = copy.deepcopy(self.model.peft_config["default"])
+        config.base_model_name_or_path = str(base_model)
+        config.inference_mode = True
+        config.save_pretrained(str(out_dir))  # writes adapter_config.json only
+
+    def load_adapter(self, adapter_dir: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        adapter_dir = Path(adapter_dir)
+        wfile, cfile = adapter_dir / ADAPTER_WEIGHTS, adapter_dir / ADAPTER_CONFIG
+        for f in (wfile, cfile):
+            if not f.exists():
+                raise UserError(f"{f}: adapter file missing")
+        saved = json.loads(cfile.read_text(encoding="utf-8"))
+        ours = self.model.peft_config["default"]
+        problems = []
+        if int(saved.get("r", -1)) != ours.r:
+            problems.append(f"{cfile}: r is {saved.get('r')}, this run uses {ours.r}")
+        if sorted(saved.get("target_modules") or []) != sorted(ours.target_modules):
+            problems.append(f"{cfile}: target_modules {sorted(saved.get('target_modules') or [])}, "
+                            f"this run uses {sorted(ours.target_modules)}")
+        if problems:
+            raise UserError(f"{adapter_dir}: adapter does not match this model's LoRA setup", problems)
+        weights = load_file(str(wfile), device=str(self.prec.device))
+        result = set_peft_model_state_dict(self.model, weights)
+        expected = set(k for k in self.model.state_dict() if "lora_" in k)
+        missing = sorted(k for k in result.missing_keys if "lora_" in k)
+        if result.unexpected_keys or missing or not expected:
+            raise UserError(f"{wfile}: adapter tensors do not match the model",
+                            [f"missing: {k}" for k in missing[:10]] +
+                            [f"unexpected: {k}" for k in list(result.unexpected_keys)[:10]])
+
+    def save_state(self, out_dir: Path) -> list[str]:
+        out_dir = Path(out_dir)
+        return states.save_optimizer(self.optimizer, self.scaler, out_dir) + states.save_rng(out_dir)
+
+    def load_state(self, in_dir: Path, allow_partial: bool = False) -> None:
+        in_dir = Path(in_dir)
+        states.load_optimizer(self.optimizer, self.scaler, in_dir, allow_partial)
+        states.load_rng(in_dir)
+
+    def peak_memory(self) -> Optional[int]:
+        return devices.peak_memory(self.prec) if self.prec is not None else None

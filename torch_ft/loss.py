@@ -1,0 +1,95 @@
+"""Model inputs for a Batch (padding, packing) and a chunked cross-entropy.
+
+The loss is computed from the decoder's hidden states at the supervised positions only,
+``CHUNK`` positions at a time: full-vocabulary fp32 logits are never built for the whole
+batch (for a 49k vocabulary and 8x2048 tokens that would be 3.2 GB), and prompt tokens,
+which are most tokens in instruction data, cost no lm_head matmul at all.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from common.train.backend import Batch
+
+LOGITS_BUDGET = 2**26  # fp32 logits per chunk: 64M values = 256 MB
+
+
+def model_inputs(batch: Batch, device: torch.device, mask_dtype: torch.dtype, attn_impl: str) -> dict:
+    """input_ids plus what keeps attention inside each example and off the padding.
+
+    Unpacked rows get a 2D padding mask. Packed rows get position_ids that restart per
+    example and, for SDPA/eager, a 4D block-diagonal causal additive mask; flash-attention
+    2 instead finds the examples from the position_ids (varlen kernels).
+    """
+    ids = torch.tensor(batch.input_ids, dtype=torch.long, device=device)
+    seg = torch.tensor(batch.segment_ids, dtype=torch.long, device=device)
+    pos = torch.tensor(batch.position_ids, dtype=torch.long, device=device)
+    packed = any(max(row, default=0) > 1 for row in batch.segment_ids)
+    if not packed:
+        return {"input_ids": ids, "attention_mask": (seg > 0).long(), "position_ids": pos}
+    if attn_impl.startswith("flash"):
+        return {"input_ids": ids, "position_ids": pos}
+    t = ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)
+    allowed = (same & causal) | torch.eye(t, dtype=torch.bool, device=device)  # padding sees itself: no NaN rows
+    # finfo.min, not -inf: a row can never be all -inf, so softmax stays finite.
+    mask = torch.zeros(allowed.shape, dtype=mask_dtype, device=device).masked_fill(~allowed, torch.finfo(mask_dtype).min)
+    return {"input_ids": ids, "attention_mask": mask[:, None], "position_ids": pos}
+
+
+def _logit_transform(config):
+    """Model-specific logit scaling that the CausalLM head applies after lm_head."""
+    softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
+    scale = getattr(config, "logit_scale", None)  # Cohere multiplies
+    divide = getattr(config, "logits_scaling", None)  # Granite divides
+
+    def apply(logits: torch.Tensor) -> torch.Tensor:
+        if scale not in (None, 1, 1.0):
+            logits = logits * scale
+        if divide not in (None, 1, 1.0):
+            logits = logits / divide
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return apply
+
+
+def _chunk_loss(head, transform, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = transform(head(hidden).float())
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def supervised_loss(causal_lm, inputs: dict, loss_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(sum of token cross-entropies, number of targets) for ``inputs`` under ``loss_mask``.
+
+    ``causal_lm`` is the transformers CausalLM (LoRA layers injected); its decoder gives
+    hidden states and its output embeddings give logits, chunk by chunk.
+    """
+    decoder = causal_lm.get_decoder()
+    head = causal_lm.get_output_embeddings()
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    select = loss_mask[:, 1:].bool()  # target at t+1 is predicted from position t
+    h = hidden[:, :-1][select]  # (N, H)
+    targets = inputs["input_ids"][:, 1:][select]
+    n = int(targets.numel())
+    if n == 0:
+        return hidden.sum() * 0.0, 0  # keeps the graph connected; contributes nothing
+    transform = _logit_transform(causal_lm.config)
+    vocab = head.weight.shape[0]
+    chunk = max(128, LOGITS_BUDGET // vocab)
+    if n <= chunk:
+        return _chunk_loss(head, transform, h, targets), n
+    total = h.new_zeros((), dtype=torch.float32)
+    for s in range(0, n, chunk):
+        hs, ts = h[s:s + chunk], targets[s:s + chunk]
+        if torch.is_grad_enabled():
+            # Recompute each chunk's logits in backward instead of keeping all of them.
+            total = total + checkpoint(_chunk_loss, head, transform, hs, ts, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(head, transform, hs, ts)
+    return total, n
