@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from common.command import main_for, make_parser
 from common.config import opt, register
@@ -45,9 +45,9 @@ class DataCheck:
     """What check-data found: the splits (with their report), token statistics and intents."""
 
     splits: Splits
-    stats: Optional[dict[str, dict[str, int]]]  # split -> encode_split stats; None when skipped
+    stats: dict[str, dict[str, int]] | None  # split -> encode_split stats; None when skipped
     intents: dict[str, Counter]  # split -> intent -> rows (answers that are JSON with an "intent")
-    tokens_skipped: Optional[str] = None  # why there are no token statistics
+    tokens_skipped: str | None = None  # why there are no token statistics
 
     @property
     def report(self) -> LintReport:
@@ -76,7 +76,7 @@ def intents(rows) -> Counter:
     return found
 
 
-def _token_stats(cfg: CheckDataConfig, splits: Splits, tokenizer, system_prompt: Optional[str]) -> dict:
+def _token_stats(cfg: CheckDataConfig, splits: Splits, tokenizer, system_prompt: str | None) -> dict:
     from common.prompts import ChatFormatter
 
     report = splits.report

@@ -14,19 +14,28 @@ import json
 import math
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
-from common.data_formats import (LintReport, Problem, canonical, convert_row, detect_format, json_type,  # noqa: F401
-                                 row_key, unknown_format)
+from common.data_formats import (  # noqa: F401
+    LintReport,
+    Problem,
+    canonical,
+    convert_row,
+    detect_format,
+    json_type,
+    row_key,
+    text_chunks,
+    unknown_format,
+)
 from common.errors import UserError
 from common.rows import Conversation, Example, Row, Source, Text
 
 JSON_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt", ".md")
 SPLIT_FILES = {"train": ("train",), "valid": ("valid", "validation", "val"), "test": ("test",)}
-CHARS_PER_TOKEN = 4  # rough average for English BPE text; used to chunk .txt only when no tokenizer is given
 SAMPLE_RE = re.compile(r"^(?P<path>.+):(?P<n>\d+)$")
 
 
@@ -39,7 +48,7 @@ class Splits:
     test: list[Row] = field(default_factory=list)
     report: LintReport = field(default_factory=LintReport)
     files: list[Path] = field(default_factory=list)
-    schema_path: Optional[Path] = None
+    schema_path: Path | None = None
     valid_from_train: bool = False  # True when valid was held out of train (valid_fraction)
 
     def items(self) -> list[tuple[str, list[Row]]]:
@@ -50,7 +59,7 @@ class Splits:
 # files
 
 
-def parse_source(spec: str) -> tuple[Path, Optional[int]]:
+def parse_source(spec: str) -> tuple[Path, int | None]:
     """``PATH`` or ``PATH:N``. Only a trailing ``:digits`` is a count (``C:\\data`` stays a path)."""
     m = SAMPLE_RE.match(spec)
     if m and not Path(spec).exists():
@@ -124,69 +133,6 @@ def _json_array(path: Path, text: str, report: LintReport) -> Iterator[tuple[int
             return
 
 
-def _chunks(text: str, max_tokens: int, tokenizer=None) -> Iterator[tuple[int, str]]:
-    """Split domain text into (first line, chunk) pieces of at most ``max_tokens``.
-
-    Paragraphs (blank-line separated) are packed whole while they fit; a longer paragraph
-    is cut at token boundaries (with a tokenizer) or at whitespace (by characters).
-    """
-    budget = max(1, max_tokens - 2)  # room for BOS and EOS
-
-    def size(s: str) -> int:
-        if tokenizer is not None:
-            return len(tokenizer.encode(s, add_special_tokens=False))
-        return math.ceil(len(s) / CHARS_PER_TOKEN)
-
-    paragraphs, current, start = [], [], 0
-    for i, line in enumerate(text.split("\n"), 1):
-        if line.strip():
-            if not current:
-                start = i
-            current.append(line)
-        elif current:
-            paragraphs.append((start, "\n".join(current)))
-            current = []
-    if current:
-        paragraphs.append((start, "\n".join(current)))
-
-    sep = size("\n\n")
-    chunk, chunk_line, used = [], 0, 0
-    for line, par in paragraphs:
-        n = size(par)
-        if chunk and used + sep + n > budget:
-            yield chunk_line, "\n\n".join(chunk)
-            chunk, used = [], 0
-        if n > budget:
-            yield from _split_long(par, line, budget, tokenizer)
-            continue
-        if not chunk:
-            chunk_line = line
-            used = n
-        else:
-            used += sep + n
-        chunk.append(par)
-    if chunk:
-        yield chunk_line, "\n\n".join(chunk)
-
-
-def _split_long(par: str, line: int, budget: int, tokenizer) -> Iterator[tuple[int, str]]:
-    cuts = []  # character offsets where pieces start
-    if tokenizer is not None:
-        offsets = tokenizer(par, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        cuts = [offsets[k][0] for k in range(0, len(offsets), budget)]
-    else:
-        width, pos = budget * CHARS_PER_TOKEN, 0
-        while pos < len(par):
-            cuts.append(pos)
-            end = pos + width
-            space = par.rfind(" ", pos + width // 2, end)
-            pos = space + 1 if end < len(par) and space > 0 else end
-    for a, b in zip(cuts, [*cuts[1:], len(par)]):
-        piece = par[a:b]
-        if piece.strip():
-            yield line + par.count("\n", 0, a), piece
-
-
 def load_file(path: str | Path, *, tokenizer=None, max_seq_length: int = 1024) -> tuple[list[Row], LintReport]:
     """Read one data file; every row is checked. Returns the good rows and the report.
 
@@ -213,7 +159,7 @@ def load_file(path: str | Path, *, tokenizer=None, max_seq_length: int = 1024) -
             report.error(f"{path}:{line}", f"not UTF-8 text (byte 0x{data[exc.start]:02x})")
             return [], report
         rows: list[Row] = [Text(chunk, Source(str(path), line))
-                           for line, chunk in _chunks(text, max_seq_length, tokenizer)]
+                           for line, chunk in text_chunks(text, max_seq_length, tokenizer)]
         if not rows:
             report.error(str(path), "no text")
         report.formats[str(path)] = "text"
@@ -231,7 +177,7 @@ def load_file(path: str | Path, *, tokenizer=None, max_seq_length: int = 1024) -
         items = list(_json_lines(path, data, report))
 
     rows = []
-    first: Optional[tuple[str, int]] = None  # (format, line)
+    first: tuple[str, int] | None = None  # (format, line)
     mixed: list[tuple[int, str]] = []
     for line, obj in items:
         where = f"{path}:{line}"
@@ -297,7 +243,7 @@ def _sample(rows: list[Row], n: int, seed: int, name: str, where: str, report: L
     return [rows[i] for i in keep]
 
 
-def find_schema(paths: list[str], explicit: str | None = None) -> Optional[Path]:
+def find_schema(paths: list[str], explicit: str | None = None) -> Path | None:
     """The JSON schema for answers: ``explicit`` (--json-schema), else ``schema.json`` beside the data."""
     if explicit:
         p = Path(explicit)

@@ -8,16 +8,20 @@ Accepted formats (one per file, checked on every row, not guessed from the first
 - ``completion``: ``{"prompt", "completion"}``
 - ``text``: ``{"text"}``
 
-Problems are collected in a :class:`LintReport` as ``file:line[:col]: problem``; a row with
-an error produces no output row, so one pass reports every problem at once.
+Domain text (``.txt``/``.md``) is cut into chunks that fit the sequence length
+(:func:`text_chunks`). Problems are collected in a :class:`LintReport` as
+``file:line[:col]: problem``; a row with an error produces no output row, so one pass
+reports every problem at once.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from common.errors import UserError, nearest
 from common.rows import Conversation, Row, Source, Text
@@ -38,6 +42,7 @@ TOOL_ROLE = "tool"
 # Names other datasets use for our roles: suggested when they appear in a chat row.
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant"}
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+CHARS_PER_TOKEN = 4  # rough average for English BPE text; used to chunk .txt only when no tokenizer is given
 # Message keys kept besides role/content (templates with tool support render them).
 EXTRA_MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name")
 
@@ -118,7 +123,7 @@ class LintReport:
 # detection
 
 
-def detect_format(obj: dict[str, Any]) -> Optional[str]:
+def detect_format(obj: dict[str, Any]) -> str | None:
     """The format whose identifying keys the row has most of (ties: order of FORMATS); None if none."""
     best, score = None, 0
     for name, (ident, _, _) in FORMATS.items():
@@ -171,7 +176,7 @@ def _is_text_parts(value: Any) -> bool:
 
 
 def content_text(value: Any, *, name: str, assistant: bool, where: str, report: LintReport,
-                 allow_empty: bool = False) -> Optional[str]:
+                 allow_empty: bool = False) -> str | None:
     """A turn's text, or None after reporting why it is unusable.
 
     An assistant answer given as a JSON object (or array) becomes canonical compact JSON
@@ -223,7 +228,7 @@ def _check_order(roles: list[str], field_name: str, where: str, report: LintRepo
     return True
 
 
-def _tools(obj: dict[str, Any], where: str, report: LintReport) -> tuple[bool, Optional[list]]:
+def _tools(obj: dict[str, Any], where: str, report: LintReport) -> tuple[bool, list | None]:
     tools = obj.get("tools")
     if tools is None:
         return True, None
@@ -238,8 +243,8 @@ def _tools(obj: dict[str, Any], where: str, report: LintReport) -> tuple[bool, O
     return True, tools or None
 
 
-def _messages(turns: Any, *, field_name: str, role_key: str, text_key: str, role_map: Optional[dict[str, str]],
-              tools: Optional[list], where: str, report: LintReport) -> Optional[list[dict[str, Any]]]:
+def _messages(turns: Any, *, field_name: str, role_key: str, text_key: str, role_map: dict[str, str] | None,
+              tools: list | None, where: str, report: LintReport) -> list[dict[str, Any]] | None:
     """Validate a list of turns; return chat messages (role/content dicts) or None."""
     if not isinstance(turns, list):
         report.error(where, f"{field_name}: expected a list of {{{role_key!r}, {text_key!r}}} objects, "
@@ -299,7 +304,7 @@ def _messages(turns: Any, *, field_name: str, role_key: str, text_key: str, role
 # rows
 
 
-def convert_row(obj: Any, fmt: str, source: Source, where: str, report: LintReport) -> Optional[Row]:
+def convert_row(obj: Any, fmt: str, source: Source, where: str, report: LintReport) -> Row | None:
     """Lint one parsed row of format ``fmt``; return the row, or None after reporting why not."""
     if not _check_keys(obj, fmt, where, report):
         return None
@@ -339,6 +344,73 @@ def convert_row(obj: Any, fmt: str, source: Source, where: str, report: LintRepo
     if msgs is None or not ok:
         return None
     return Conversation(msgs, source, tools)
+
+
+# ---------------------------------------------------------------------------
+# domain text
+
+
+def text_chunks(text: str, max_tokens: int, tokenizer=None) -> Iterator[tuple[int, str]]:
+    """Split domain text into (first line, chunk) pieces of at most ``max_tokens``.
+
+    Paragraphs (blank-line separated) are packed whole while they fit; a longer paragraph
+    is cut at token boundaries (with a tokenizer) or at whitespace (by characters).
+    """
+    budget = max(1, max_tokens - 2)  # room for BOS and EOS
+
+    def size(s: str) -> int:
+        if tokenizer is not None:
+            return len(tokenizer.encode(s, add_special_tokens=False))
+        return math.ceil(len(s) / CHARS_PER_TOKEN)
+
+    paragraphs, current, start = [], [], 0
+    for i, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            if not current:
+                start = i
+            current.append(line)
+        elif current:
+            paragraphs.append((start, "\n".join(current)))
+            current = []
+    if current:
+        paragraphs.append((start, "\n".join(current)))
+
+    sep = size("\n\n")
+    chunk, chunk_line, used = [], 0, 0
+    for line, par in paragraphs:
+        n = size(par)
+        if chunk and used + sep + n > budget:
+            yield chunk_line, "\n\n".join(chunk)
+            chunk, used = [], 0
+        if n > budget:
+            yield from _split_long(par, line, budget, tokenizer)
+            continue
+        if not chunk:
+            chunk_line = line
+            used = n
+        else:
+            used += sep + n
+        chunk.append(par)
+    if chunk:
+        yield chunk_line, "\n\n".join(chunk)
+
+
+def _split_long(par: str, line: int, budget: int, tokenizer) -> Iterator[tuple[int, str]]:
+    cuts = []  # character offsets where pieces start
+    if tokenizer is not None:
+        offsets = tokenizer(par, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        cuts = [offsets[k][0] for k in range(0, len(offsets), budget)]
+    else:
+        width, pos = budget * CHARS_PER_TOKEN, 0
+        while pos < len(par):
+            cuts.append(pos)
+            end = pos + width
+            space = par.rfind(" ", pos + width // 2, end)
+            pos = space + 1 if end < len(par) and space > 0 else end
+    for a, b in zip(cuts, [*cuts[1:], len(par)], strict=True):
+        piece = par[a:b]
+        if piece.strip():
+            yield line + par.count("\n", 0, a), piece
 
 
 def row_key(row: Row) -> str:

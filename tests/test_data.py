@@ -5,8 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from common.data import (encode_split, find_schema, fingerprint, hold_out, load_file, load_splits, parse_source,
-                         percentile)
+from common.data import (
+    encode_split,
+    find_schema,
+    fingerprint,
+    hold_out,
+    load_file,
+    load_splits,
+    parse_source,
+    percentile,
+)
 from common.errors import UserError
 from common.rows import Conversation, Source, Text
 

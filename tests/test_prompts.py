@@ -28,7 +28,7 @@ def conv(*turns, system=None):
 def learned_spans(tok, ex: Example) -> list[str]:
     """Decoded text of each contiguous run of supervised tokens."""
     spans, cur = [], []
-    for tid, m in zip(ex.input_ids, ex.loss_mask):
+    for tid, m in zip(ex.input_ids, ex.loss_mask, strict=True):
         if m:
             cur.append(tid)
         elif cur:
