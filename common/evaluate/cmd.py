@@ -1,0 +1,318 @@
+"""``llm-ft eval``: generate answers for a test split and score them.
+
+JSON answers (a schema is given or found, or every expected answer parses as JSON) get
+parse rate, schema validity, exact match, per-field and intent metrics, a confusion
+matrix and every wrong answer in ``errors.jsonl``. Free-text answers get the eval loss,
+perplexity and sample outputs. Any target works the same way: a base model, a run
+(base + adapter, unmerged), a merged directory or an exported GGUF in llama.cpp, so the
+cost of each step (fine-tuning, merging, quantising) is a number. ``--compare`` puts
+several side by side.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from common import io
+from common.command import main_for, make_parser
+from common.config import opt, register
+from common.errors import UserError
+from common.evaluate import metrics as M
+from common.evaluate import report
+from common.rows import Conversation, Row, Text
+
+DEFAULT_TEST = "data/test.jsonl"
+
+
+@register
+@dataclass
+class EvalConfig:
+    target: str = opt(help="what to evaluate: a run directory, a model (Hub id, HF or merged directory, "
+                      "'default') or a .gguf file", positional=True)
+    data: Optional[str] = opt(None, f"test file (JSONL) (default: the run's test split, else {DEFAULT_TEST})")
+    compare: list[str] = opt(factory=list, help="other runs, models or .gguf files to evaluate on the same data "
+                             "and show side by side (also written to eval/compare.md)")
+    limit: Optional[int] = opt(None, "evaluate only the first N rows")
+    batch_size: int = opt(8, "prompts generated together (torch batches them with left padding)")
+    max_new_tokens: int = opt(256, "longest answer generated, in tokens")
+    temperature: float = opt(0.0, "sampling temperature; 0 is greedy (reproducible)")
+    top_p: float = opt(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
+    seed: int = opt(0, "random seed for sampling (temperature > 0)")
+    task: Literal["auto", "json", "text"] = opt("auto", "how to score answers; auto = json when a schema exists "
+                                                "or every expected answer parses as JSON, else text")
+    json_schema: Optional[str] = opt(None, "JSON schema answers must satisfy (default: schema.json beside the data)")
+    system_prompt_file: Optional[str] = opt(None, "system prompt for targets without their own (runs use theirs); "
+                                            "default: the evaluated run's, else ./system_prompt.txt if present; "
+                                            "'' for none")
+    chat_template: Optional[str] = opt(None, "override the chat template: chatml, llama3, alpaca or a .jinja file")
+    backend: Literal["auto", "torch", "mlx"] = opt("auto", "engine for runs and models (GGUF files always use "
+                                                  "llama.cpp); auto = the run's backend, else MLX on Apple "
+                                                  "Silicon, else torch")
+    tokenizer: Optional[str] = opt(None, "Hugging Face tokenizer directory whose chat template renders prompts for "
+                                   "a GGUF (default: the run's base model for RUN/export/*.gguf, else the GGUF's own)")
+    n_ctx: int = opt(4096, "llama.cpp context length in tokens")
+    loss: bool = opt(True, "also compute the eval loss and perplexity (teacher-forced, on the answers)")
+    samples: int = opt(5, "sample outputs to show and keep in metrics.json")
+    out: Optional[str] = opt(None, "output directory (default: RUN/eval for a run, RUN/export/eval for its GGUF, "
+                             "else runs/eval-<name>)")
+
+    def validate(self) -> list[str]:
+        problems = []
+        for name in ("batch_size", "max_new_tokens", "n_ctx"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            problems.append(f"limit: must be >= 1, got {self.limit}")
+        if self.temperature < 0:
+            problems.append(f"temperature: must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.samples < 0:
+            problems.append(f"samples: must be >= 0, got {self.samples}")
+        return problems
+
+
+# ---------------------------------------------------------------------------
+# inputs
+
+
+def default_data(target) -> Path:
+    """The run's test split (``test.jsonl`` in one of its data directories), else data/test.jsonl."""
+    from common.data import parse_source
+    from common.run_dir import RunDir
+
+    if target.run_dir is not None:
+        for spec in RunDir(target.run_dir).config().get("data") or []:
+            path, _ = parse_source(str(spec))
+            for name in ("test.jsonl", "test.json"):
+                if path.is_dir() and (path / name).is_file():
+                    return path / name
+    return Path(DEFAULT_TEST)
+
+
+def load_rows(path: Path, limit: Optional[int]) -> list[Row]:
+    from common.data import load_file
+
+    if not path.is_file():
+        raise UserError(f"{path}: test data not found (pass --data FILE)")
+    rows, lint = load_file(path)
+    lint.raise_if_errors(str(path))
+    if not rows:
+        raise UserError(f"{path}: no rows to evaluate")
+    return rows[:limit] if limit else rows
+
+
+def split_row(row: Row) -> tuple[list[dict], Optional[str]]:
+    """(prompt messages, expected answer) of a conversation: the last assistant turn is the answer."""
+    if isinstance(row, Text):
+        return [], None
+    msgs = list(row.messages)
+    if msgs and msgs[-1]["role"] == "assistant":
+        return msgs[:-1], msgs[-1]["content"]
+    return msgs, None
+
+
+def choose_task(cfg: EvalConfig, rows: list[Row], path: Path, explicit_schema: bool) -> str:
+    """json or text: json when asked (--task json, --json-schema), or when every row ends with a JSON answer."""
+    answers = [(row, split_row(row)[1]) for row in rows]
+    missing = [f"{row.source or path}: no assistant answer to compare with" for row, a in answers if a is None]
+    bad = [f"{row.source or path}: expected answer is not JSON: {a[:60]!r}" for row, a in answers
+           if a is not None and not M.parse_json(a)[0]]
+    if cfg.task == "json" or (cfg.task == "auto" and explicit_schema):
+        if missing or bad:
+            raise UserError(f"{path}: JSON scoring needs every row to end with a JSON answer", missing + bad)
+        return "json"
+    if cfg.task == "auto" and not missing and not bad:
+        return "json"
+    return "text"
+
+
+def system_prompt_for(cfg: EvalConfig, main_target) -> Optional[str]:
+    """The prompt for targets without their own: the flag, else the main run's, else ./system_prompt.txt."""
+    from common.prompts import load_system_prompt
+
+    if cfg.system_prompt_file is not None:
+        return load_system_prompt(cfg.system_prompt_file) or ""
+    if main_target.system_prompt is not None:
+        return main_target.system_prompt
+    return load_system_prompt("system_prompt.txt") if Path("system_prompt.txt").is_file() else ""
+
+
+def out_dir_for(target, explicit: Optional[str]) -> Path:
+    if explicit:
+        return Path(explicit)
+    if target.kind == "run":
+        return target.run_dir / "eval"
+    if target.kind == "gguf" and target.run_dir is not None:
+        return target.gguf_file.parent / "eval"
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in target.name)
+    return Path("runs") / f"eval-{safe}"
+
+
+# ---------------------------------------------------------------------------
+# one target
+
+
+def generate_all(gen, prompts: list[list[dict]], cfg: EvalConfig, label: str) -> list[str]:
+    """Answers for every prompt, batch by batch, with a progress bar on stderr."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    answers: list[str] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(f"generating ({label})", total=len(prompts))
+        for start in range(0, len(prompts), cfg.batch_size):
+            batch = prompts[start:start + cfg.batch_size]
+            answers += gen.generate_batch(batch, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                          top_p=cfg.top_p, seed=cfg.seed)
+            progress.advance(task, len(batch))
+    return answers
+
+
+def eval_loss(gen, rows: list[Row]) -> tuple[Optional[float], Optional[float], int, Optional[str]]:
+    """(mean loss in nats/token, perplexity, target tokens, note) on rows with something to learn."""
+    examples = [gen.formatter.encode(r) for r in rows if isinstance(r, Text) or split_row(r)[1] is not None]
+    got = gen.loss(examples) if examples else None
+    if got is None:
+        return None, None, 0, "n/a: this engine does not compute a loss" if examples else "n/a: no answers"
+    total, count = got
+    return (total / count if count else None), M.perplexity(total, count), count, None
+
+
+def evaluate_target(target, cfg: EvalConfig, rows: list[Row], task: str, schema: Optional[dict],
+                    default_prompt: Optional[str], data_path: Path, out_dir: Path) -> dict[str, Any]:
+    """Load one target, generate, score, and write metrics.json (+ errors.jsonl, confusion.png) to ``out_dir``."""
+    from rich.console import Console
+
+    from common.generation import load_generator
+
+    console = Console(stderr=True)
+    prompt = None if target.system_prompt is not None else default_prompt
+    gen = load_generator(target, backend=cfg.backend, system_prompt=prompt, chat_template=cfg.chat_template,
+                         n_ctx=cfg.n_ctx)
+    try:
+        pairs = [split_row(r) for r in rows]
+        if task == "json":
+            chosen = list(range(len(rows)))
+        else:  # free text: the loss covers the split; a few answers show what the model writes
+            chosen = [i for i, (msgs, _) in enumerate(pairs) if msgs][: cfg.samples]
+        before, t0 = gen.new_tokens, time.perf_counter()
+        produced = generate_all(gen, [pairs[i][0] for i in chosen], cfg, target.name)
+        seconds = time.perf_counter() - t0
+        new_tokens = gen.new_tokens - before
+        loss, ppl, loss_tokens, loss_note = eval_loss(gen, rows) if cfg.loss else (None, None, 0, "not computed")
+        describe = gen.describe()
+    finally:
+        gen.close()
+
+    result: dict[str, Any] = {
+        "target": target.spec, "generator": describe, "data": str(data_path), "task": task,
+        "settings": {k: getattr(cfg, k) for k in ("limit", "batch_size", "max_new_tokens", "temperature", "top_p",
+                                                   "seed")},
+        "timing": {"generation_s": round(seconds, 3), "new_tokens": new_tokens,
+                   "tokens_per_s": round(new_tokens / seconds, 2) if seconds > 0 else None},
+    }
+    if task == "json":
+        expected = [pairs[i][1] for i in chosen]
+        scored = M.json_report(expected, produced, schema=schema)
+        result["metrics"] = scored["metrics"]
+        result["per_field"], result["per_class"] = scored["per_field"], scored.get("per_class", {})
+        if "confusion" in scored:
+            result["confusion"] = scored["confusion"]
+        errors = []
+        for i, verdict, answer in zip(chosen, scored["examples"], produced):
+            if not verdict["exact"]:
+                msgs = pairs[i][0]
+                errors.append({"source": str(rows[i].source) if rows[i].source else None, "prompt": rows[i].user_text(),
+                               "messages": msgs if len(msgs) > 1 else None, "expected": pairs[i][1],
+                               "produced": answer, "problems": verdict["problems"]})
+        result["metrics"]["errors"] = len(errors)
+        report.write_jsonl(out_dir / "errors.jsonl", errors)
+        if "confusion" in scored:
+            c = scored["confusion"]
+            report.write_confusion_png(out_dir / "confusion.png", c["labels"], c["matrix"], title=target.name)
+    else:
+        result["metrics"] = M.text_report([pairs[i][1] for i in chosen], produced)
+        result["metrics"]["n"] = len(rows)
+    result["metrics"].update(eval_loss=loss, perplexity=ppl, eval_tokens=loss_tokens)
+    if loss_note:
+        result["loss_note"] = loss_note
+    result["samples"] = [{"prompt": rows[i].user_text(), "expected": pairs[i][1], "produced": answer}
+                         for i, answer in list(zip(chosen, produced))[: cfg.samples]]
+    result["out_dir"] = str(out_dir)
+    io.write_json(out_dir / "metrics.json", result)
+
+    console.print(report.metrics_table(result))
+    if "confusion" in result and len(result["confusion"]["labels"]) <= 20:
+        console.print(report.confusion_table(result["confusion"]["labels"], result["confusion"]["matrix"]))
+    if task == "text":
+        for s in result["samples"]:
+            console.print(f"[bold]prompt:[/] {s['prompt']}\n[bold]answer:[/] {s['produced']}\n")
+    console.print(f"wrote {out_dir / 'metrics.json'}")
+    return result
+
+
+# ---------------------------------------------------------------------------
+# the command
+
+
+def run(cfg: EvalConfig) -> int:
+    from common.data import find_schema, load_schema
+    from common.generation import resolve_target
+    from common.run_dir import RunDir
+
+    targets = [resolve_target(spec, tokenizer=cfg.tokenizer) for spec in [cfg.target, *cfg.compare]]
+    data_path = Path(cfg.data) if cfg.data else default_data(targets[0])
+    rows = load_rows(data_path, cfg.limit)
+    schema_path = find_schema([str(data_path)], cfg.json_schema)
+    schema = load_schema(schema_path).schema if schema_path else None
+    task = choose_task(cfg, rows, data_path, explicit_schema=bool(cfg.json_schema))
+    if task == "text":
+        schema = None
+    default_prompt = system_prompt_for(cfg, targets[0])
+
+    out_dirs: list[Path] = []
+    for i, t in enumerate(targets):
+        d = out_dir_for(t, cfg.out if i == 0 else None)
+        while d.resolve() in [o.resolve() for o in out_dirs]:  # two targets of the same name
+            d = d.with_name(d.name + "-2")
+        out_dirs.append(d)
+    results = [evaluate_target(t, cfg, rows, task, schema, default_prompt, data_path, d)
+               for t, d in zip(targets, out_dirs)]
+    if cfg.compare:
+        table_rows = [report.compare_row(result, RunDir(t.run_dir).summary() if t.kind == "run" else {})
+                      for t, result in zip(targets, results)]
+        settings = (f"{len(rows)} rows, greedy" if cfg.temperature == 0 else f"{len(rows)} rows, "
+                    f"temperature {cfg.temperature}, top-p {cfg.top_p}, seed {cfg.seed}")
+        md = report.compare_markdown(table_rows, data=str(data_path), settings=settings)
+        path = out_dirs[0] / "compare.md"
+        io.write_text(path, md)
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        if not console.is_terminal:  # a log file: do not squeeze the table into 80 columns
+            console = Console(stderr=True, width=200)
+        console.print(report.compare_table(table_rows))
+        console.print(f"wrote {path}")
+    return 0
+
+
+def build_parser():
+    parser = make_parser("eval", __doc__.strip().splitlines()[0], EvalConfig)
+    for action in parser._actions:  # --compare A B C as well as --compare A,B,C
+        if action.dest == "compare":
+            action.nargs = "+"
+            action.metavar = "OTHER"
+    return parser
+
+
+def main(argv=None) -> int:
+    return main_for(build_parser, EvalConfig, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,191 @@
+"""The transformers + peft engine: a base model with a run's adapter applied (not merged),
+a base model alone, or a merged directory. Batched generation pads on the left."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Optional, Sequence
+
+from common.errors import UserError
+from common.generation import Generator, Messages, Stream, Target, _check_sampling, missing_extra
+from common.prompts import ChatFormatter
+from common.rows import Example
+
+
+def pick_device(device: Optional[str]):
+    import torch
+
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(dtype: str, device):
+    import torch
+
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32  # CPU: half precision is slow and lossy there
+
+
+class TorchGenerator(Generator):
+    backend = "torch"
+
+    def __init__(self, target: Target, formatter: ChatFormatter, model, tokenizer, device, dtype):
+        super().__init__(target, formatter)
+        self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, device, dtype
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (formatter.eos_id if formatter.eos_id is not None else 0)
+
+    @classmethod
+    def load(cls, target: Target, *, system_prompt: Optional[str], chat_template: Optional[str],
+             device: Optional[str] = None, dtype: str = "auto") -> TorchGenerator:
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM
+        except ImportError as exc:
+            raise missing_extra("torch", exc) from None
+        from common.models import load_tokenizer
+
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own output stays readable; loading a model takes seconds
+        dev = pick_device(device)
+        dt = pick_dtype(dtype, dev)
+        tokenizer = load_tokenizer(target.model_dir)
+        formatter = ChatFormatter(tokenizer, template=chat_template, system_prompt=system_prompt)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(target.model_dir), dtype=dt, use_safetensors=True,
+                                                         trust_remote_code=False)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{target.model_dir}: cannot load the model: {exc}") from None
+        if target.adapter_dir is not None:
+            try:
+                from peft import PeftModel
+            except ImportError as exc:
+                raise missing_extra("torch", exc) from None
+            if not (target.adapter_dir / "adapter_model.safetensors").exists():
+                raise UserError(f"{target.adapter_dir}: adapter_model.safetensors missing (only safetensors are read)")
+            with warnings.catch_warnings():  # peft calls a transformers API deprecated in 5.x
+                warnings.simplefilter("ignore", FutureWarning)
+                model = PeftModel.from_pretrained(model, str(target.adapter_dir), is_trainable=False)
+        model.to(dev).eval()
+        torch.set_grad_enabled(False)
+        return cls(target, formatter, model, tokenizer, dev, dt)
+
+    # -- generation ------------------------------------------------------------
+
+    def _gen_config(self, max_new_tokens: int, temperature: float, top_p: float):
+        from transformers import GenerationConfig
+
+        sample = temperature > 0
+        return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample,
+                                temperature=temperature if sample else None, top_p=top_p if sample else None,
+                                top_k=None, eos_token_id=self.stop_ids or None, pad_token_id=self.pad_id)
+
+    def _cut(self, new_ids: list[int]) -> list[int]:
+        stops = set(self.stop_ids)
+        for i, t in enumerate(new_ids):
+            if t in stops:
+                return new_ids[:i]
+        return new_ids
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def generate_batch(self, batch: Sequence[Messages], *, max_new_tokens: int = 256, temperature: float = 0.0,
+                       top_p: float = 1.0, seed: int = 0) -> list[str]:
+        import torch
+
+        _check_sampling(max_new_tokens, temperature, top_p)
+        if not batch:
+            return []
+        prompts = [self.chat_prompt(m) for m in batch]
+        width = max(len(p) for p in prompts)
+        # Left padding: every row's last prompt token sits at the same position.
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        torch.manual_seed(seed)
+        out = self.model.generate(input_ids=ids, attention_mask=mask,
+                                  generation_config=self._gen_config(max_new_tokens, temperature, top_p))
+        answers = []
+        for row in out[:, width:].tolist():
+            new = self._cut(row)
+            self.new_tokens += len(new) + (len(new) < len(row))  # the stop token was generated too
+            answers.append(self._decode(new))
+        return answers
+
+    def _generate(self, prompt_ids: list[int], *, max_new_tokens: int, temperature: float, top_p: float,
+                  seed: int, stream: Stream) -> str:
+        import torch
+
+        ids = torch.tensor([prompt_ids], device=self.device)
+        cfg = self._gen_config(max_new_tokens, temperature, top_p)
+        torch.manual_seed(seed)
+        if stream is None:
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+            row = out[0, len(prompt_ids):].tolist()
+            new = self._cut(row)
+            self.new_tokens += len(row)
+            return self._decode(new)
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result: dict = {}
+
+        def work():
+            try:
+                result["out"] = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                    generation_config=cfg, streamer=streamer)
+            except BaseException as exc:  # re-raised in the caller's thread
+                result["error"] = exc
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        pieces = []
+        for piece in streamer:
+            if piece:
+                pieces.append(piece)
+                stream(piece)
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        row = result["out"][0, len(prompt_ids):].tolist()
+        self.new_tokens += len(row)
+        return self._decode(self._cut(row))
+
+    # -- loss ------------------------------------------------------------------
+
+    def loss(self, examples: Sequence[Example], batch_size: int = 8) -> Optional[tuple[float, int]]:
+        import torch
+        import torch.nn.functional as F
+
+        total, count = 0.0, 0
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            width = max(len(e) for e in chunk)
+            ids = torch.tensor([e.input_ids + [self.pad_id] * (width - len(e)) for e in chunk], device=self.device)
+            attn = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in chunk], device=self.device)
+            target_mask = torch.tensor([e.loss_mask + [0] * (width - len(e)) for e in chunk], device=self.device)
+            logits = self.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+            targets = ids[:, 1:]
+            keep = target_mask[:, 1:].bool()
+            losses = F.cross_entropy(logits[keep], targets[keep], reduction="sum")
+            total += float(losses)
+            count += int(keep.sum())
+        return total, count
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out.update(device=str(self.device), dtype=str(self.dtype).removeprefix("torch."))
+        return out

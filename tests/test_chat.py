@@ -1,0 +1,184 @@
+"""``llm-ft chat``: one-shot answers from a tiny model dir and a tiny GGUF, and the interactive
+commands (/reset, /system, /exit) fed through stdin."""
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def write_tiny_gguf(model_dir, out_path):
+    """A F32 GGUF of a tiny llama dir (test-only converter: tensor names via gguf's table)."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    model_dir = Path(model_dir)
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    n_head, n_kv, n_layer = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["num_hidden_layers"]
+    w = gguf.GGUFWriter(str(out_path), "llama")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))))
+    w.add_rope_dimension_count(cfg["hidden_size"] // n_head)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    tok = json.loads((model_dir / "tokenizer.json").read_text())
+    vocab = dict(tok["model"]["vocab"])
+    special = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    vocab.update(special)
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
+
+    def permute(x, heads):  # HF's rotary halves -> llama.cpp's interleaved pairs
+        return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    for key, value in load_file(model_dir / "model.safetensors").items():
+        if key.endswith("q_proj.weight"):
+            value = permute(value, n_head)
+        elif key.endswith("k_proj.weight"):
+            value = permute(value, n_kv)
+        w.add_tensor(names.get_name(key, try_suffixes=(".weight", ".bias")), np.ascontiguousarray(value, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(out_path)
+
+
+MSG = "set a timer for ten minutes"
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_model_dir, tmp_path_factory):
+    pytest.importorskip("llama_cpp")
+    return write_tiny_gguf(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def one_shot(capsys, argv) -> tuple[str, str]:
+    from common.chat import main
+
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+@pytest.mark.torch
+def test_one_shot_prints_only_the_answer(tiny_model_dir, capsys):
+    from common.generate import load_generator
+
+    out, _ = one_shot(capsys, [str(tiny_model_dir), "--prompt", MSG, "--max-new-tokens", "12", "--system", "Be brief."])
+    expected = load_generator(str(tiny_model_dir), system_prompt="Be brief.").generate(
+        [{"role": "user", "content": MSG}], max_new_tokens=12)
+    assert out == expected + "\n"  # streamed pieces add up to exactly the greedy answer, nothing else on stdout
+
+
+@pytest.mark.llama
+@pytest.mark.torch
+def test_one_shot_gguf_matches_transformers(tiny_model_dir, tiny_gguf, capsys):
+    from common.generate import load_generator
+
+    gguf_out, _ = one_shot(capsys, [str(tiny_gguf), "--prompt", MSG, "--max-new-tokens", "12", "--system", "Be brief."])
+    hf_out, _ = one_shot(capsys, [str(tiny_model_dir), "--prompt", MSG, "--max-new-tokens", "12", "--system", "Be brief."])
+    assert gguf_out == hf_out
+    gen = load_generator(str(tiny_gguf), system_prompt="Be brief.")
+    hf = load_generator(str(tiny_model_dir), system_prompt="Be brief.")
+    msgs = [{"role": "user", "content": MSG}]
+    assert gen.chat_prompt(msgs) == hf.chat_prompt(msgs)  # GGUF's embedded template + llama.cpp tokens, one BOS
+    assert gen.describe()["chat_template"] == "gguf"
+    from common.rows import Conversation
+
+    ex = [hf.formatter.encode(Conversation([*msgs, {"role": "assistant", "content": "ok"}]))]
+    (a, n), (b, m) = gen.loss(ex), hf.loss(ex)
+    assert n == m and a == pytest.approx(b, rel=1e-4)  # F32 GGUF: llama.cpp logits agree with transformers
+    # seeded sampling is reproducible
+    kw = dict(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    assert gen.generate(msgs, **kw) == gen.generate(msgs, **kw)
+
+
+def run_interactive(target: str, script: str, monkeypatch, capsys) -> tuple[str, str]:
+    from common.chat import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    assert main([target, "--max-new-tokens", "8"]) == 0
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+@pytest.mark.torch
+def test_interactive_reset_and_system(tiny_model_dir, monkeypatch, capsys):
+    from common.chat import ChatConfig, ChatSession
+    from common.generate import load_generator
+
+    target = str(tiny_model_dir)
+    out, err = run_interactive(target, f"{MSG}\nplay some jazz\n/reset\n{MSG}\n/system Be brief.\n{MSG}\n/exit\n"
+                               "never read\n", monkeypatch, capsys)
+    gen = load_generator(target)
+
+    def answer(*turns):
+        msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+        return gen.generate(msgs, max_new_tokens=8)
+
+    a1 = answer(MSG)
+    a2 = answer(MSG, a1, "play some jazz")  # multi-turn: the history is part of the prompt
+    without_reset = answer(MSG, a1, "play some jazz", a2, MSG)
+    assert without_reset != a1  # so the next check can tell a reset from no reset
+    gen.system_prompt = "Be brief."
+    a4 = answer(MSG)
+    # after /reset the same message gets the fresh answer; after /system, the new prompt's; /exit stops reading
+    assert out == f"{a1}\n{a2}\n{a1}\n{a4}\n"
+    assert "conversation cleared" in err and "system prompt set" in err
+
+    # the history itself, driven through the same command handler
+    session = ChatSession(load_generator(target), ChatConfig(target=target, max_new_tokens=4), io.StringIO(), _Quiet())
+    session.handle(MSG)
+    session.handle("again")
+    assert [m["role"] for m in session.history] == ["user", "assistant", "user", "assistant"]
+    session.handle("/reset")
+    assert session.history == []
+    session.handle(MSG)
+    session.handle("/system You are terse.")
+    assert session.history == [] and session.gen.system_prompt == "You are terse."
+    assert session.gen.prompt_text([{"role": "user", "content": "x"}]).startswith("<|im_start|>system\nYou are terse.")
+    assert session.handle("/exit") is False
+
+
+@pytest.mark.llama
+def test_interactive_gguf_multi_turn(tiny_gguf, monkeypatch, capsys):
+    from common.generate import load_generator
+
+    out, _ = run_interactive(str(tiny_gguf), f"{MSG}\n{MSG}\n/reset\n{MSG}\n", monkeypatch, capsys)
+    gen = load_generator(str(tiny_gguf))
+    a1 = gen.generate([{"role": "user", "content": MSG}], max_new_tokens=8)
+    a2 = gen.generate([{"role": "user", "content": MSG}, {"role": "assistant", "content": a1},
+                       {"role": "user", "content": MSG}], max_new_tokens=8)
+    assert out == f"{a1}\n{a2}\n{a1}\n"
+
+
+class _Quiet:
+    def print(self, *args, **kwargs):
+        pass
+
+
+def test_chat_help_and_bad_flags(capsys):
+    from common.chat import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--prompt", "--system", "--temperature", "--top-p", "--max-new-tokens", "--backend"):
+        assert flag in out
+    assert main(["x", "--top-p", "1.5"]) == 2
+    assert "top_p" in capsys.readouterr().err
