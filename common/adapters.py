@@ -195,18 +195,28 @@ def peft_config(paths: list[str], *, r: int, lora_alpha: float, lora_dropout: fl
 
 
 def write_peft_adapter(out_dir: str | Path, tensors: Mapping[str, Any], config: dict,
-                       metadata: dict | None = None) -> Path:
-    """Write PEFT-named numpy ``tensors`` and ``config`` into ``out_dir`` as one atomic directory."""
+                       metadata: dict | None = None, whole_dir: bool = False) -> Path:
+    """Write PEFT-named numpy ``tensors`` and ``config`` into ``out_dir``.
+
+    Each file is written atomically; with ``whole_dir`` the directory is built aside and
+    swapped in whole (replacing an existing one), else the files go into ``out_dir`` as is.
+    """
     import numpy as np
     from safetensors.numpy import save_file
 
-    from common.io import atomic_dir, write_json
+    from common.io import atomic_dir, atomic_path, write_json
 
     out = Path(out_dir)
-    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    with atomic_dir(out) as tmp:
-        save_file(arrays, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt", **(metadata or {})})
-        write_json(tmp / PEFT_CONFIG, config)
+    arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
+    meta = {"format": "pt", **(metadata or {})}
+    if whole_dir:
+        with atomic_dir(out) as tmp:
+            save_file(arrays, str(tmp / PEFT_WEIGHTS), metadata=meta)
+            write_json(tmp / PEFT_CONFIG, config)
+        return out
+    with atomic_path(out / PEFT_WEIGHTS) as tmp:
+        save_file(arrays, str(tmp), metadata=meta)
+    write_json(out / PEFT_CONFIG, config)
     return out
 
 
@@ -292,4 +302,5 @@ def convert_mlx_lm_adapter(src_dir: str | Path, out_dir: str | Path | None = Non
     base = base_model or config.get("model")
     dropout = float(config["lora_parameters"].get("dropout", 0.0))
     peft_cfg = config_for_modules(modules, lora_dropout=dropout, base_model=base)
-    return write_peft_adapter(out, peft_tensors(modules), peft_cfg, metadata={"converted_from": "mlx-lm"})
+    return write_peft_adapter(out, peft_tensors(modules), peft_cfg, metadata={"converted_from": "mlx-lm"},
+                              whole_dir=True)

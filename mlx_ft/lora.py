@@ -86,7 +86,9 @@ def candidate_linears(model: nn.Module, targets: list[str], num_layers: Optional
     linear layer inside the blocks (peft's meaning: the output head is never adapted).
     """
     blocks = list(model.layers)
-    first = 0 if num_layers is None else max(len(blocks) - num_layers, 0)
+    if num_layers is not None and not 1 <= num_layers <= len(blocks):
+        raise UserError(f"--num-layers {num_layers}: the model has {len(blocks)} layers")
+    first = 0 if num_layers is None else len(blocks) - num_layers
     prefixes = block_paths(model)
     everything = "all-linear" in targets
     found: dict[str, nn.Module] = {}
