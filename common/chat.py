@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Literal, Optional, TextIO
+from typing import Literal, TextIO
 
 from common.command import main_for, make_parser
 from common.config import opt, register
@@ -25,16 +25,16 @@ HELP = """commands:
 class ChatConfig:
     target: str = opt(help="a run directory, a model (Hub id, HF or merged directory, 'default') or a .gguf file",
                       positional=True)
-    prompt: Optional[str] = opt(None, "one-shot: answer this message, print only the answer to stdout, and exit")
-    system: Optional[str] = opt(None, "system prompt text (default: the run's; none for a plain model)")
+    prompt: str | None = opt(None, "one-shot: answer this message, print only the answer to stdout, and exit")
+    system: str | None = opt(None, "system prompt text (default: the run's; none for a plain model)")
     temperature: float = opt(0.0, "sampling temperature; 0 is greedy")
     top_p: float = opt(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
     max_new_tokens: int = opt(512, "longest answer, in tokens")
     seed: int = opt(0, "random seed for sampling (temperature > 0)")
-    chat_template: Optional[str] = opt(None, "override the chat template: chatml, llama3, alpaca or a .jinja file")
+    chat_template: str | None = opt(None, "override the chat template: chatml, llama3, alpaca or a .jinja file")
     backend: Literal["auto", "torch", "mlx"] = opt("auto", "engine for runs and models (GGUF files use llama.cpp); "
                                                   "auto = the run's backend, else MLX on Apple Silicon, else torch")
-    tokenizer: Optional[str] = opt(None, "Hugging Face tokenizer directory whose chat template renders prompts for a GGUF")
+    tokenizer: str | None = opt(None, "Hugging Face tokenizer directory whose chat template renders prompts for a GGUF")
     n_ctx: int = opt(4096, "llama.cpp context length in tokens")
 
     def validate(self) -> list[str]:
@@ -104,7 +104,7 @@ class ChatSession:
         return True
 
 
-def run(cfg: ChatConfig, stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None) -> int:
+def run(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     from rich.console import Console
     from rich.markup import escape
 

@@ -2,60 +2,27 @@
 commands (/reset, /system, /exit) fed through stdin."""
 
 import io
-import json
 import sys
 from pathlib import Path
 
 import pytest
 
 
-def write_tiny_gguf(model_dir, out_path):
-    """A F32 GGUF of a tiny llama dir (test-only converter: tensor names via gguf's table)."""
-    import gguf
-    import numpy as np
-    from safetensors.numpy import load_file
+def write_tiny_gguf(model_dir, out_path, adapter_dir=None) -> Path:
+    """An F32 GGUF through the project's exporter: merge (adapter optional) -> GGUF writer."""
+    from common.export.arch import load_hparams, spec_for
+    from common.export.gguf_file import write_gguf
+    from common.export.merge import open_merged
+    from common.export.tokenizer import build_vocab
+    from common.models import load_tokenizer
+    from common.prompts import resolve_template
 
-    model_dir = Path(model_dir)
+    hp = load_hparams(model_dir)
+    vocab = build_vocab(model_dir, int(hp["vocab_size"]), chat_template=resolve_template(load_tokenizer(model_dir)),
+                        eot_token="<|im_end|>", pre_override="gpt-2")  # the tiny tokenizer pre-tokenizes as GPT-2
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    cfg = json.loads((model_dir / "config.json").read_text())
-    n_head, n_kv, n_layer = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["num_hidden_layers"]
-    w = gguf.GGUFWriter(str(out_path), "llama")
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_freq_base(float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))))
-    w.add_rope_dimension_count(cfg["hidden_size"] // n_head)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    tok = json.loads((model_dir / "tokenizer.json").read_text())
-    vocab = dict(tok["model"]["vocab"])
-    special = {t["content"]: t["id"] for t in tok["added_tokens"]}
-    vocab.update(special)
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_token_list(tokens)
-    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
-    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
-
-    def permute(x, heads):  # HF's rotary halves -> llama.cpp's interleaved pairs
-        return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
-
-    for key, value in load_file(model_dir / "model.safetensors").items():
-        if key.endswith("q_proj.weight"):
-            value = permute(value, n_head)
-        elif key.endswith("k_proj.weight"):
-            value = permute(value, n_kv)
-        w.add_tensor(names.get_name(key, try_suffixes=(".weight", ".bias")), np.ascontiguousarray(value, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return Path(out_path)
+    return write_gguf(open_merged(model_dir, adapter_dir), hp, spec_for(hp), vocab, out_path, "f32", name="tiny",
+                      progress=False).path
 
 
 MSG = "set a timer for ten minutes"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 SYSTEM = "Answer with JSON."
 TRAINED = [
@@ -43,7 +43,7 @@ def train_adapter(model_dir: Path, out_dir: Path, rows, steps: int = 200) -> Pat
     width = max(len(e) for e in exs)
     ids = torch.tensor([e.input_ids + [0] * (width - len(e)) for e in exs])
     attn = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in exs])
-    labels = torch.tensor([[t if m else -100 for t, m in zip(e.input_ids, e.loss_mask)] + [-100] * (width - len(e))
+    labels = torch.tensor([[t if m else -100 for t, m in zip(e.input_ids, e.loss_mask, strict=True)] + [-100] * (width - len(e))
                            for e in exs])
     for _ in range(steps):
         model(input_ids=ids, attention_mask=attn, labels=labels).loss.backward()
@@ -124,7 +124,8 @@ def test_eval_run_and_compare_with_base(tiny_run, tiny_model_dir, monkeypatch):
 
 
 def test_eval_merged_dir_matches_run(tiny_run, monkeypatch):
-    from common.evaluate.cmd import EvalConfig, run as run_eval
+    from common.evaluate.cmd import EvalConfig
+    from common.evaluate.cmd import run as run_eval
 
     root, run, merged = tiny_run
     monkeypatch.chdir(root)
@@ -142,11 +143,13 @@ def test_eval_gguf_fidelity(tiny_run, monkeypatch):
     pytest.importorskip("llama_cpp")
     from test_chat import write_tiny_gguf
 
-    from common.evaluate.cmd import EvalConfig, run as run_eval
+    from common.evaluate.cmd import EvalConfig
+    from common.evaluate.cmd import run as run_eval
 
-    root, run, merged = tiny_run
+    root, run, _ = tiny_run
     monkeypatch.chdir(root)
-    gguf = write_tiny_gguf(merged, run / "export" / "model.gguf")
+    base = json.loads((run / "config.json").read_text())["base_model"]["path"]
+    gguf = write_tiny_gguf(base, run / "export" / "model.gguf", adapter_dir=run / "adapter")  # export merges the adapter
     run_eval(EvalConfig(target=str(gguf), max_new_tokens=40))
     m = json.loads((run / "export" / "eval" / "metrics.json").read_text())  # a GGUF in RUN/export/ belongs to the run
     ref = json.loads((run / "eval" / "metrics.json").read_text()) if (run / "eval" / "metrics.json").exists() else None
@@ -158,7 +161,8 @@ def test_eval_gguf_fidelity(tiny_run, monkeypatch):
 
 
 def test_eval_text_task_reports_loss_and_samples(tiny_model_dir, tmp_path):
-    from common.evaluate.cmd import EvalConfig, run as run_eval
+    from common.evaluate.cmd import EvalConfig
+    from common.evaluate.cmd import run as run_eval
 
     data = tmp_path / "chat.jsonl"
     data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": u},
@@ -184,3 +188,31 @@ def test_eval_user_errors(tiny_model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "t.jsonl:1: expected answer is not JSON" in err and "Traceback" not in err
     assert main([str(tiny_model_dir), "--top-p", "0"]) == 2
+
+
+@pytest.mark.mlx
+def test_eval_run_on_mlx_matches_torch(tiny_run, tmp_path, monkeypatch):
+    pytest.importorskip("mlx_lm")
+    from common.evaluate.cmd import EvalConfig
+    from common.evaluate.cmd import run as run_eval
+
+    root, run, _ = tiny_run
+    monkeypatch.chdir(root)
+    results = {}
+    for backend in ("mlx", "torch"):
+        run_eval(EvalConfig(target=str(run), backend=backend, out=str(tmp_path / backend), max_new_tokens=40, limit=3))
+        results[backend] = json.loads((tmp_path / backend / "metrics.json").read_text())
+    assert results["mlx"]["generator"]["backend"] == "mlx"
+    assert results["mlx"]["metrics"]["exact_match"] == 1.0  # the PEFT adapter, loaded into MLX LoRA layers
+    assert results["mlx"]["metrics"]["eval_loss"] == pytest.approx(results["torch"]["metrics"]["eval_loss"], rel=1e-4)
+
+
+def test_run_without_adapter_is_a_clear_error(tmp_path, tiny_model_dir):
+    from common.errors import UserError
+    from common.generation import resolve_target
+
+    run = tmp_path / "runs" / "early"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"model": str(tiny_model_dir), "base_model": {"path": str(tiny_model_dir)}}))
+    with pytest.raises(UserError, match="no adapter yet"):
+        resolve_target(str(run))

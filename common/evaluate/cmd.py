@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from common import io
 from common.command import main_for, make_parser
@@ -22,7 +22,7 @@ from common.config import opt, register
 from common.errors import UserError
 from common.evaluate import metrics as M
 from common.evaluate import report
-from common.rows import Conversation, Row, Text
+from common.rows import Row, Text
 
 DEFAULT_TEST = "data/test.jsonl"
 
@@ -32,10 +32,10 @@ DEFAULT_TEST = "data/test.jsonl"
 class EvalConfig:
     target: str = opt(help="what to evaluate: a run directory, a model (Hub id, HF or merged directory, "
                       "'default') or a .gguf file", positional=True)
-    data: Optional[str] = opt(None, f"test file (JSONL) (default: the run's test split, else {DEFAULT_TEST})")
+    data: str | None = opt(None, f"test file (JSONL) (default: the run's test split, else {DEFAULT_TEST})")
     compare: list[str] = opt(factory=list, help="other runs, models or .gguf files to evaluate on the same data "
                              "and show side by side (also written to eval/compare.md)")
-    limit: Optional[int] = opt(None, "evaluate only the first N rows")
+    limit: int | None = opt(None, "evaluate only the first N rows")
     batch_size: int = opt(8, "prompts generated together (torch batches them with left padding)")
     max_new_tokens: int = opt(256, "longest answer generated, in tokens")
     temperature: float = opt(0.0, "sampling temperature; 0 is greedy (reproducible)")
@@ -43,20 +43,20 @@ class EvalConfig:
     seed: int = opt(0, "random seed for sampling (temperature > 0)")
     task: Literal["auto", "json", "text"] = opt("auto", "how to score answers; auto = json when a schema exists "
                                                 "or every expected answer parses as JSON, else text")
-    json_schema: Optional[str] = opt(None, "JSON schema answers must satisfy (default: schema.json beside the data)")
-    system_prompt_file: Optional[str] = opt(None, "system prompt for targets without their own (runs use theirs); "
+    json_schema: str | None = opt(None, "JSON schema answers must satisfy (default: schema.json beside the data)")
+    system_prompt_file: str | None = opt(None, "system prompt for targets without their own (runs use theirs); "
                                             "default: the evaluated run's, else ./system_prompt.txt if present; "
                                             "'' for none")
-    chat_template: Optional[str] = opt(None, "override the chat template: chatml, llama3, alpaca or a .jinja file")
+    chat_template: str | None = opt(None, "override the chat template: chatml, llama3, alpaca or a .jinja file")
     backend: Literal["auto", "torch", "mlx"] = opt("auto", "engine for runs and models (GGUF files always use "
                                                   "llama.cpp); auto = the run's backend, else MLX on Apple "
                                                   "Silicon, else torch")
-    tokenizer: Optional[str] = opt(None, "Hugging Face tokenizer directory whose chat template renders prompts for "
+    tokenizer: str | None = opt(None, "Hugging Face tokenizer directory whose chat template renders prompts for "
                                    "a GGUF (default: the run's base model for RUN/export/*.gguf, else the GGUF's own)")
     n_ctx: int = opt(4096, "llama.cpp context length in tokens")
     loss: bool = opt(True, "also compute the eval loss and perplexity (teacher-forced, on the answers)")
     samples: int = opt(5, "sample outputs to show and keep in metrics.json")
-    out: Optional[str] = opt(None, "output directory (default: RUN/eval for a run, RUN/export/eval for its GGUF, "
+    out: str | None = opt(None, "output directory (default: RUN/eval for a run, RUN/export/eval for its GGUF, "
                              "else runs/eval-<name>)")
 
     def validate(self) -> list[str]:
@@ -93,7 +93,7 @@ def default_data(target) -> Path:
     return Path(DEFAULT_TEST)
 
 
-def load_rows(path: Path, limit: Optional[int]) -> list[Row]:
+def load_rows(path: Path, limit: int | None) -> list[Row]:
     from common.data import load_file
 
     if not path.is_file():
@@ -105,7 +105,7 @@ def load_rows(path: Path, limit: Optional[int]) -> list[Row]:
     return rows[:limit] if limit else rows
 
 
-def split_row(row: Row) -> tuple[list[dict], Optional[str]]:
+def split_row(row: Row) -> tuple[list[dict], str | None]:
     """(prompt messages, expected answer) of a conversation: the last assistant turn is the answer."""
     if isinstance(row, Text):
         return [], None
@@ -130,7 +130,7 @@ def choose_task(cfg: EvalConfig, rows: list[Row], path: Path, explicit_schema: b
     return "text"
 
 
-def system_prompt_for(cfg: EvalConfig, main_target) -> Optional[str]:
+def system_prompt_for(cfg: EvalConfig, main_target) -> str | None:
     """The prompt for targets without their own: the flag, else the main run's, else ./system_prompt.txt."""
     from common.prompts import load_system_prompt
 
@@ -141,7 +141,7 @@ def system_prompt_for(cfg: EvalConfig, main_target) -> Optional[str]:
     return load_system_prompt("system_prompt.txt") if Path("system_prompt.txt").is_file() else ""
 
 
-def out_dir_for(target, explicit: Optional[str]) -> Path:
+def out_dir_for(target, explicit: str | None) -> Path:
     if explicit:
         return Path(explicit)
     if target.kind == "run":
@@ -173,7 +173,7 @@ def generate_all(gen, prompts: list[list[dict]], cfg: EvalConfig, label: str) ->
     return answers
 
 
-def eval_loss(gen, rows: list[Row]) -> tuple[Optional[float], Optional[float], int, Optional[str]]:
+def eval_loss(gen, rows: list[Row]) -> tuple[float | None, float | None, int, str | None]:
     """(mean loss in nats/token, perplexity, target tokens, note) on rows with something to learn."""
     examples = [gen.formatter.encode(r) for r in rows if isinstance(r, Text) or split_row(r)[1] is not None]
     got = gen.loss(examples) if examples else None
@@ -183,8 +183,8 @@ def eval_loss(gen, rows: list[Row]) -> tuple[Optional[float], Optional[float], i
     return (total / count if count else None), M.perplexity(total, count), count, None
 
 
-def evaluate_target(target, cfg: EvalConfig, rows: list[Row], task: str, schema: Optional[dict],
-                    default_prompt: Optional[str], data_path: Path, out_dir: Path) -> dict[str, Any]:
+def evaluate_target(target, cfg: EvalConfig, rows: list[Row], task: str, schema: dict | None,
+                    default_prompt: str | None, data_path: Path, out_dir: Path) -> dict[str, Any]:
     """Load one target, generate, score, and write metrics.json (+ errors.jsonl, confusion.png) to ``out_dir``."""
     from rich.console import Console
 
@@ -224,7 +224,7 @@ def evaluate_target(target, cfg: EvalConfig, rows: list[Row], task: str, schema:
         if "confusion" in scored:
             result["confusion"] = scored["confusion"]
         errors = []
-        for i, verdict, answer in zip(chosen, scored["examples"], produced):
+        for i, verdict, answer in zip(chosen, scored["examples"], produced, strict=True):
             if not verdict["exact"]:
                 msgs = pairs[i][0]
                 errors.append({"source": str(rows[i].source) if rows[i].source else None, "prompt": rows[i].user_text(),
@@ -242,7 +242,7 @@ def evaluate_target(target, cfg: EvalConfig, rows: list[Row], task: str, schema:
     if loss_note:
         result["loss_note"] = loss_note
     result["samples"] = [{"prompt": rows[i].user_text(), "expected": pairs[i][1], "produced": answer}
-                         for i, answer in list(zip(chosen, produced))[: cfg.samples]]
+                         for i, answer in list(zip(chosen, produced, strict=True))[: cfg.samples]]
     result["out_dir"] = str(out_dir)
     io.write_json(out_dir / "metrics.json", result)
 
@@ -282,10 +282,10 @@ def run(cfg: EvalConfig) -> int:
             d = d.with_name(d.name + "-2")
         out_dirs.append(d)
     results = [evaluate_target(t, cfg, rows, task, schema, default_prompt, data_path, d)
-               for t, d in zip(targets, out_dirs)]
+               for t, d in zip(targets, out_dirs, strict=True)]
     if cfg.compare:
         table_rows = [report.compare_row(result, RunDir(t.run_dir).summary() if t.kind == "run" else {})
-                      for t, result in zip(targets, results)]
+                      for t, result in zip(targets, results, strict=True)]
         settings = (f"{len(rows)} rows, greedy" if cfg.temperature == 0 else f"{len(rows)} rows, "
                     f"temperature {cfg.temperature}, top-p {cfg.top_p}, seed {cfg.seed}")
         md = report.compare_markdown(table_rows, data=str(data_path), settings=settings)

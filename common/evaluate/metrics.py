@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 INVALID = "<invalid>"  # the predicted class of an answer that does not parse as a JSON object
 MISSING = "<missing>"  # the class of a JSON object without the label key (or a non-string label)
 
 
-def parse_json(text: Optional[str]) -> tuple[bool, Any]:
+def parse_json(text: str | None) -> tuple[bool, Any]:
     """``(True, value)`` when ``text`` (stripped) is one JSON document, else ``(False, None)``."""
     if text is None:
         return False, None
@@ -60,7 +61,7 @@ def field_accuracy(expected: Sequence[Any], predicted: Sequence[Any]) -> dict[st
     assert len(expected) == len(predicted)
     correct: dict[str, int] = {}
     support: dict[str, int] = {}
-    for exp, pred in zip(expected, predicted):
+    for exp, pred in zip(expected, predicted, strict=True):
         e, p = flatten_fields(exp), flatten_fields(pred)
         for name in set(e) | set(p):
             support[name] = support.get(name, 0) + 1
@@ -92,9 +93,9 @@ def per_class_f1(expected: Sequence[str], predicted: Sequence[str]) -> dict[str,
     assert len(expected) == len(predicted)
     out = {}
     for c in class_order(expected, predicted):
-        tp = sum(1 for e, p in zip(expected, predicted) if e == c and p == c)
-        fp = sum(1 for e, p in zip(expected, predicted) if e != c and p == c)
-        fn = sum(1 for e, p in zip(expected, predicted) if e == c and p != c)
+        tp = sum(1 for e, p in zip(expected, predicted, strict=True) if e == c and p == c)
+        fp = sum(1 for e, p in zip(expected, predicted, strict=True) if e != c and p == c)
+        fn = sum(1 for e, p in zip(expected, predicted, strict=True) if e == c and p != c)
         precision = tp / (tp + fp) if tp + fp else 0.0
         recall = tp / (tp + fn) if tp + fn else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -113,7 +114,7 @@ def confusion_matrix(expected: Sequence[str], predicted: Sequence[str]) -> tuple
     labels = class_order(expected, predicted)
     index = {c: i for i, c in enumerate(labels)}
     matrix = [[0] * len(labels) for _ in labels]
-    for e, p in zip(expected, predicted):
+    for e, p in zip(expected, predicted, strict=True):
         matrix[index[e]][index[p]] += 1
     return labels, matrix
 
@@ -127,8 +128,8 @@ def schema_errors(value: Any, schema: dict) -> list[str]:
             for e in sorted(validator.iter_errors(value), key=lambda e: list(map(str, e.absolute_path)))]
 
 
-def json_report(expected_texts: Sequence[str], produced_texts: Sequence[Optional[str]], *,
-                schema: Optional[dict] = None, label_key: str = "intent") -> dict[str, Any]:
+def json_report(expected_texts: Sequence[str], produced_texts: Sequence[str | None], *,
+                schema: dict | None = None, label_key: str = "intent") -> dict[str, Any]:
     """Every JSON metric for a split, and a verdict per example.
 
     ``expected_texts`` must parse (the caller checks the data); ``produced_texts`` may
@@ -144,7 +145,7 @@ def json_report(expected_texts: Sequence[str], produced_texts: Sequence[Optional
     predicted = [value if ok else None for ok, value in parsed]
 
     examples = []
-    for exp, (ok, pred) in zip(expected, parsed):
+    for exp, (ok, pred) in zip(expected, parsed, strict=True):
         problems: list[str] = []
         valid = None
         if not ok:
@@ -173,9 +174,9 @@ def json_report(expected_texts: Sequence[str], produced_texts: Sequence[Optional
     if n and all(isinstance(e, dict) and isinstance(e.get(label_key), str) for e in expected):
         gold = [e[label_key] for e in expected]
         guess = [label_of(v, ok, label_key) for ok, v in parsed]
-        for x, g, p in zip(examples, gold, guess):
+        for x, g, p in zip(examples, gold, guess, strict=True):
             x["label"], x["predicted_label"] = g, p
-        metrics[f"{label_key}_accuracy"] = sum(g == p for g, p in zip(gold, guess)) / n
+        metrics[f"{label_key}_accuracy"] = sum(g == p for g, p in zip(gold, guess, strict=True)) / n
         metrics[f"{label_key}_macro_f1"] = macro_f1(gold, guess)
         report["per_class"] = per_class_f1(gold, guess)
         labels, matrix = confusion_matrix(gold, guess)
@@ -183,7 +184,7 @@ def json_report(expected_texts: Sequence[str], produced_texts: Sequence[Optional
     return report
 
 
-def perplexity(loss_sum: float, count: int) -> Optional[float]:
+def perplexity(loss_sum: float, count: int) -> float | None:
     """``exp(mean token loss)`` (nats), or None without tokens; inf when it overflows."""
     if count <= 0:
         return None
@@ -191,9 +192,9 @@ def perplexity(loss_sum: float, count: int) -> Optional[float]:
     return math.exp(mean) if mean < 700 else math.inf
 
 
-def text_report(expected_texts: Sequence[Optional[str]], produced_texts: Sequence[str]) -> dict[str, Any]:
+def text_report(expected_texts: Sequence[str | None], produced_texts: Sequence[str]) -> dict[str, Any]:
     """Free-text answers: exact match after stripping whitespace, and mean lengths (characters)."""
-    pairs = [(e, p) for e, p in zip(expected_texts, produced_texts) if e is not None]
+    pairs = [(e, p) for e, p in zip(expected_texts, produced_texts, strict=True) if e is not None]
     n = len(pairs)
     return {
         "n": n,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from common import io
 
@@ -40,7 +41,7 @@ def fmt(value: Any, kind: str) -> str:
     return str(value)
 
 
-def compare_row(result: dict[str, Any], summary: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def compare_row(result: dict[str, Any], summary: dict[str, Any] | None = None) -> dict[str, Any]:
     """Flatten one evaluation (metrics.json content) and its run's summary.json into a table row."""
     m = result.get("metrics", {})
     s = summary or {}
@@ -117,9 +118,9 @@ def confusion_table(labels: Sequence[str], matrix: Sequence[Sequence[int]]):
 
     table = Table(title="confusion (rows: expected, columns: predicted)")
     table.add_column("")
-    for i, label in enumerate(labels):
+    for i in range(len(labels)):
         table.add_column(str(i), justify="right")
-    for i, (label, row) in enumerate(zip(labels, matrix)):
+    for i, (label, row) in enumerate(zip(labels, matrix, strict=True)):
         cells = [("[green]" if i == j else "[red]" if v else "[dim]") + str(v) for j, v in enumerate(row)]
         table.add_row(f"{i} {label}", *cells)
     return table

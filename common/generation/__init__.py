@@ -13,16 +13,17 @@ and any other temperature samples from a seeded generator.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from common.errors import UserError
 from common.prompts import ChatFormatter
 from common.rows import Example
 
 Messages = list[dict[str, Any]]
-Stream = Optional[Callable[[str], None]]
+Stream = Callable[[str], None] | None  # receives each piece of text as it is generated
 
 
 @dataclass
@@ -32,17 +33,17 @@ class Target:
     spec: str
     kind: str  # "run" | "model" | "gguf"
     name: str  # short name for reports and default output folders
-    model_dir: Optional[Path] = None  # HF directory (the base model of a run)
-    adapter_dir: Optional[Path] = None  # PEFT adapter of a run
-    gguf_file: Optional[Path] = None
-    tokenizer_dir: Optional[Path] = None  # HF tokenizer for a GGUF, when known
-    run_dir: Optional[Path] = None  # the run this target belongs to (a run, or a GGUF in RUN/export/)
-    system_prompt: Optional[str] = None  # the run's system prompt
-    chat_template: Optional[str] = None  # the run's --chat-template override (named or a file)
-    backend: Optional[str] = None  # the backend the run was trained with
+    model_dir: Path | None = None  # HF directory (the base model of a run)
+    adapter_dir: Path | None = None  # PEFT adapter of a run
+    gguf_file: Path | None = None
+    tokenizer_dir: Path | None = None  # HF tokenizer for a GGUF, when known
+    run_dir: Path | None = None  # the run this target belongs to (a run, or a GGUF in RUN/export/)
+    system_prompt: str | None = None  # the run's system prompt
+    chat_template: str | None = None  # the run's --chat-template override (named or a file)
+    backend: str | None = None  # the backend the run was trained with
 
 
-def _normalise_prompt(text: Optional[str]) -> Optional[str]:
+def _normalise_prompt(text: str | None) -> str | None:
     # The same normalisation as common.prompts.load_system_prompt (idempotent).
     return None if text is None else text.replace("\r\n", "\n").rstrip("\n")
 
@@ -51,7 +52,18 @@ def _has_tokenizer(d: Path) -> bool:
     return (d / "tokenizer_config.json").exists() or (d / "tokenizer.json").exists()
 
 
-def resolve_target(spec: str, *, tokenizer: Optional[str] = None) -> Target:
+def _looks_like_run(d: Path) -> bool:
+    """A run's config.json names its base model; a model's config.json does not."""
+    import json
+
+    try:
+        cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and "base_model" in cfg and "model_type" not in cfg
+
+
+def resolve_target(spec: str, *, tokenizer: str | None = None) -> Target:
     """Say what ``spec`` is: a ``.gguf`` file, a run directory, or a model spec."""
     from common.run_dir import RunDir, is_run_dir
 
@@ -84,8 +96,8 @@ def resolve_target(spec: str, *, tokenizer: Optional[str] = None) -> Target:
         return Target(spec, "run", run.path.resolve().name, model_dir=run.base_model(), adapter_dir=run.adapter_dir,
                       run_dir=run.path, system_prompt=_normalise_prompt(run.system_prompt()),
                       chat_template=run.chat_template_override(), backend=run.config().get("backend"))
-    if p.is_dir() and (p / "config.json").exists() and (p / "adapter").exists():
-        RunDir.open(p)  # a run without its adapter: let RunDir say what is missing
+    if p.is_dir() and _looks_like_run(p):
+        RunDir.open(p)  # a run without its adapter yet: let RunDir say what is missing
     from common.models import resolve_model
 
     resolved = resolve_model(spec)
@@ -106,11 +118,11 @@ class Generator:
     # -- prompts ---------------------------------------------------------------
 
     @property
-    def system_prompt(self) -> Optional[str]:
+    def system_prompt(self) -> str | None:
         return self.formatter.system_prompt
 
     @system_prompt.setter
-    def system_prompt(self, text: Optional[str]) -> None:
+    def system_prompt(self, text: str | None) -> None:
         self.formatter.system_prompt = text
 
     def chat_prompt(self, messages: Messages) -> list[int]:
@@ -143,7 +155,7 @@ class Generator:
                   seed: int, stream: Stream) -> str:
         raise NotImplementedError
 
-    def loss(self, examples: Sequence[Example]) -> Optional[tuple[float, int]]:
+    def loss(self, examples: Sequence[Example]) -> tuple[float, int] | None:
         """(sum of token losses in nats, number of target tokens) over ``examples``, or None if unsupported.
 
         Token t+1 is predicted from position t where ``loss_mask[t+1] == 1``, as in training.
@@ -224,9 +236,9 @@ def choose_engine(target: Target, backend: str) -> str:
     return chosen
 
 
-def load_generator(target: str | Target, *, backend: str = "auto", system_prompt: Optional[str] = None,
-                   chat_template: Optional[str] = None, tokenizer: Optional[str] = None, n_ctx: int = 4096,
-                   device: Optional[str] = None, dtype: str = "auto") -> Generator:
+def load_generator(target: str | Target, *, backend: str = "auto", system_prompt: str | None = None,
+                   chat_template: str | None = None, tokenizer: str | None = None, n_ctx: int = 4096,
+                   device: str | None = None, dtype: str = "auto") -> Generator:
     """Load ``target`` (a run dir, a model spec or dir, a ``.gguf``) for generation.
 
     ``system_prompt``: None uses the target's (a run's training prompt; none for a plain

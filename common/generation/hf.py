@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from common.errors import UserError
 from common.generation import Generator, Messages, Stream, Target, _check_sampling, missing_extra
@@ -13,7 +13,7 @@ from common.prompts import ChatFormatter
 from common.rows import Example
 
 
-def pick_device(device: Optional[str]):
+def pick_device(device: str | None):
     import torch
 
     if device:
@@ -47,16 +47,16 @@ class TorchGenerator(Generator):
         self.pad_id = pad if pad is not None else (formatter.eos_id if formatter.eos_id is not None else 0)
 
     @classmethod
-    def load(cls, target: Target, *, system_prompt: Optional[str], chat_template: Optional[str],
-             device: Optional[str] = None, dtype: str = "auto") -> TorchGenerator:
+    def load(cls, target: Target, *, system_prompt: str | None, chat_template: str | None,
+             device: str | None = None, dtype: str = "auto") -> TorchGenerator:
         try:
             import torch
             from transformers import AutoModelForCausalLM
         except ImportError as exc:
             raise missing_extra("torch", exc) from None
-        from common.models import load_tokenizer
-
         from transformers.utils import logging as hf_logging
+
+        from common.models import load_tokenizer
 
         hf_logging.disable_progress_bar()  # our own output stays readable; loading a model takes seconds
         dev = pick_device(device)
@@ -166,7 +166,7 @@ class TorchGenerator(Generator):
 
     # -- loss ------------------------------------------------------------------
 
-    def loss(self, examples: Sequence[Example], batch_size: int = 8) -> Optional[tuple[float, int]]:
+    def loss(self, examples: Sequence[Example], batch_size: int = 8) -> tuple[float, int] | None:
         import torch
         import torch.nn.functional as F
 

@@ -10,8 +10,7 @@ special tokens parsed and BOS added only when the text does not already start wi
 from __future__ import annotations
 
 import math
-import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from common.errors import UserError
 from common.generation import Generator, Stream, StreamDecoder, Target, missing_extra
@@ -22,12 +21,12 @@ from common.rows import Example
 class GGUFTokenizer:
     """The slice of a Hugging Face tokenizer's interface that ChatFormatter uses, over llama.cpp's vocab."""
 
-    def __init__(self, llm, chat_template: Optional[str]):
+    def __init__(self, llm, chat_template: str | None):
         self.llm = llm
         self.chat_template = chat_template
         model = llm._model  # llama-cpp-python's own vocab accessors (no public API for token text)
 
-        def text(tid: int) -> Optional[str]:
+        def text(tid: int) -> str | None:
             return model.token_get_text(tid) if 0 <= tid < llm.n_vocab() else None
 
         meta = llm.metadata
@@ -43,33 +42,15 @@ class GGUFTokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=True) if text else []
 
-    def convert_tokens_to_ids(self, token: str) -> Optional[int]:
+    def convert_tokens_to_ids(self, token: str) -> int | None:
         ids = self.llm.tokenize(token.encode("utf-8"), add_bos=False, special=True)
         return ids[0] if len(ids) == 1 and self._text(ids[0]) == token else self.unk_token_id
 
-    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[Optional[str]]:
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str | None]:
         return [self._text(int(i)) for i in ids]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.llm.detokenize(list(ids), special=not skip_special_tokens).decode("utf-8", errors="replace")
-
-
-def trained_context(path) -> Optional[int]:
-    """``<arch>.context_length`` from the GGUF header (tokens), or None."""
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(str(path))
-        arch = reader.fields["general.architecture"].contents()
-        field = reader.fields.get(f"{arch}.context_length")
-        return int(field.contents()) if field is not None else None
-    except (KeyError, ValueError, OSError):
-        return None  # llama.cpp gives the real error when it loads the file
-
-
-def _n_threads() -> int:
-    # llama.cpp defaults to every core; leave the user's machine responsive on laptops.
-    return max(1, min(8, (os.cpu_count() or 2)))
 
 
 class LlamaGenerator(Generator):
@@ -87,17 +68,14 @@ class LlamaGenerator(Generator):
         self._is_eog = lambda tid: bool(llama_cpp.llama_vocab_is_eog(vocab, tid))
 
     @classmethod
-    def load(cls, target: Target, *, system_prompt: Optional[str], chat_template: Optional[str],
+    def load(cls, target: Target, *, system_prompt: str | None, chat_template: str | None,
              n_ctx: int = 4096) -> LlamaGenerator:
         try:
             from llama_cpp import Llama
         except ImportError as exc:
             raise missing_extra("llama", exc) from None
-        trained = trained_context(target.gguf_file)
-        if trained:  # a longer context than the model was trained on only costs memory and warnings
-            n_ctx = min(n_ctx, trained)
         try:
-            llm = Llama(model_path=str(target.gguf_file), n_ctx=n_ctx, n_threads=_n_threads(), verbose=False)
+            llm = Llama(model_path=str(target.gguf_file), n_ctx=n_ctx, verbose=False)
         except (ValueError, RuntimeError) as exc:
             raise UserError(f"{target.gguf_file}: llama.cpp cannot load this GGUF: {exc}") from None
         source = "gguf"
@@ -149,7 +127,7 @@ class LlamaGenerator(Generator):
                 break
         return decoder.text()
 
-    def loss(self, examples: Sequence[Example]) -> Optional[tuple[float, int]]:
+    def loss(self, examples: Sequence[Example]) -> tuple[float, int] | None:
         import numpy as np
         from llama_cpp import Llama
 
@@ -159,7 +137,7 @@ class LlamaGenerator(Generator):
         if self._loss_llm is None or self._loss_llm.n_ctx() < need:
             ctx = max(256, math.ceil(need / 256) * 256)
             # logits_all keeps one row of logits per position: ctx * n_vocab * 4 bytes.
-            self._loss_llm = Llama(model_path=str(self.target.gguf_file), n_ctx=ctx, n_threads=_n_threads(),
+            self._loss_llm = Llama(model_path=str(self.target.gguf_file), n_ctx=ctx,
                                    logits_all=True, verbose=False)
         llm = self._loss_llm
         total, count = 0.0, 0

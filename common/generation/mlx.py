@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from common.errors import UserError
 from common.generation import Generator, Stream, Target, missing_extra
@@ -18,9 +18,10 @@ class MLXGenerator(Generator):
         self.model, self.tokenizer = model, tokenizer
 
     @classmethod
-    def load(cls, target: Target, *, system_prompt: Optional[str], chat_template: Optional[str]) -> MLXGenerator:
+    def load(cls, target: Target, *, system_prompt: str | None, chat_template: str | None) -> MLXGenerator:
         try:
             import mlx.core  # noqa: F401
+
             from mlx_ft.model import load_base
         except ImportError as exc:
             raise missing_extra("mlx", exc) from None
@@ -60,7 +61,7 @@ class MLXGenerator(Generator):
         self.new_tokens += last.generation_tokens
         return "".join(pieces)
 
-    def loss(self, examples: Sequence[Example], batch_size: int = 8) -> Optional[tuple[float, int]]:
+    def loss(self, examples: Sequence[Example], batch_size: int = 8) -> tuple[float, int] | None:
         import mlx.core as mx
         import mlx.nn as nn
 
