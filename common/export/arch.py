@@ -11,9 +11,10 @@ are mapped by ``gguf.TensorNameMap``. The keys and transforms follow llama.cpp's
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import gguf
 import numpy as np
@@ -269,7 +270,7 @@ class ArchSpec:
     norm_shift: float = 0.0  # Gemma: RMSNorm computes x * (1 + w); llama.cpp computes x * w
     always_tied: bool = False  # Gemma: the output projection is the embedding; lm_head is never written
     needs_output: bool = False  # llama.cpp loads output.weight unconditionally: write the tied embedding
-    add_space_prefix: Optional[bool] = None  # SentencePiece: Gemma sets it False
+    add_space_prefix: bool | None = None  # SentencePiece: Gemma sets it False
     notes: tuple[str, ...] = field(default=())
 
     @property

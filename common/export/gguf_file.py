@@ -14,10 +14,11 @@ gets q8_0 (llama.cpp's quantizer would use q6_k, which gguf-py cannot write).
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import gguf
 import numpy as np
@@ -56,7 +57,7 @@ def llama_cpp_available() -> bool:
 def default_quant(n_params: int) -> tuple[str, str]:
     """The default --quant for a model of ``n_params`` parameters, and why."""
     if n_params < SMALL_MODEL_PARAMS:
-        return "q8_0", (f"{n_params / 1e6:.0f}M parameters (< 1B): q8_0, because 4-bit noticeably changes "
+        return "q8_0", (f"{n_params / 1e6:.3g}M parameters (< 1B): q8_0, because 4-bit noticeably changes "
                         "the answers of small models")
     if llama_cpp_available():
         return "q4_k_m", f"{n_params / 1e9:.1f}B parameters: q4_k_m (4.8 bits/weight), llama.cpp's usual trade-off"
@@ -71,8 +72,8 @@ class Planned:
     name: str  # GGUF name (blk.0.attn_q.weight)
     shape: tuple[int, ...]  # numpy (row-major) element shape
     qtype: Q
-    source: Optional[str]  # HF tensor name it is made from; None for generated tensors
-    data: Optional[np.ndarray] = None  # generated tensors (rope_freqs, ...)
+    source: str | None  # HF tensor name it is made from; None for generated tensors
+    data: np.ndarray | None = None  # generated tensors (rope_freqs, ...)
 
     @property
     def nbytes(self) -> int:
@@ -191,16 +192,26 @@ def write_gguf_python(merged: MergedModel, hp: HParams, spec: ArchSpec, vocab: G
         raw_shape = gguf.quant_shape_to_byte_shape(p.shape, p.qtype) if p.qtype not in (Q.F32, Q.F16) else p.shape
         np_dtype = {Q.F32: np.float32, Q.F16: np.float16}.get(p.qtype, np.uint8)
         writer.add_tensor_info(p.name, raw_shape, np.dtype(np_dtype), p.nbytes, raw_dtype=p.qtype)
-    with atomic_path(out) as tmp:
-        try:
-            writer.write_header_to_file(path=tmp)
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            for p in track(plan, description=f"writing {out.name}", disable=not progress, transient=True):
-                writer.write_tensor_data(_tensor_data(p, merged, spec, hp))
-        finally:
-            writer.close()
+    try:
+        with atomic_path(out) as tmp:
+            try:
+                writer.write_header_to_file(path=tmp)
+                writer.write_kv_data_to_file()
+                writer.write_ti_data_to_file()
+                for p in track(plan, description=f"writing {out.name}", disable=not progress, transient=True):
+                    writer.write_tensor_data(_tensor_data(p, merged, spec, hp))
+            finally:
+                writer.close()
+    except OSError as exc:
+        raise write_error(out, exc) from None
     return GGUFResult(out, quant, len(plan), total)
+
+
+def write_error(out: Path, exc: OSError) -> UserError:
+    """A failed write as a user error; the temporary file is already gone and ``out`` untouched."""
+    what = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    kept = "the existing file is unchanged" if out.exists() else "nothing was written"
+    return UserError(f"{out}: write failed ({what}); {kept}")
 
 
 def plan_vocab_rows(plan: list[Planned]) -> int:

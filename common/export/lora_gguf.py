@@ -13,7 +13,6 @@ they are refused with a pointer to the merged export.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from common.errors import UserError
 from common.export.arch import ArchSpec, HParams, permute_rows
+from common.export.gguf_file import write_error
 from common.export.merge import Adapter
 from common.io import atomic_path
 
@@ -44,7 +44,7 @@ def _refuse_unsupported(adapter: Adapter) -> None:
         problems.append("DoRA (use_dora): llama.cpp adapters have no magnitude vector")
     if adapter.replacements:
         problems.append(f"modules_to_save: {', '.join(sorted(adapter.replacements))}")
-    for weight, d in adapter.deltas.items():
+    for d in adapter.deltas.values():
         if d.embedding:
             problems.append(f"embedding LoRA on {d.module}")
         if d.B_bias is not None:
@@ -100,18 +100,21 @@ def write_lora_gguf(adapter: Adapter, hp: HParams, spec: ArchSpec, out: str | Pa
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
     for p in plan:
         w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), int(np.prod(p.shape)) * 4, raw_dtype=gguf.GGMLQuantizationType.F32)
-    with atomic_path(out) as tmp:
-        try:
-            w.write_header_to_file(path=tmp)
-            w.write_kv_data_to_file()
-            w.write_ti_data_to_file()
-            for p in track(plan, description=f"writing {out.name}", disable=not progress, transient=True):
-                data = adapter.file.float32(p.source)
-                if p.is_b:
-                    data = _transform_b(p.base_name, data, spec, hp) * np.float32(p.extra_scale)
-                w.write_tensor_data(np.ascontiguousarray(data, dtype=np.float32))
-        finally:
-            w.close()
+    try:
+        with atomic_path(out) as tmp:
+            try:
+                w.write_header_to_file(path=tmp)
+                w.write_kv_data_to_file()
+                w.write_ti_data_to_file()
+                for p in track(plan, description=f"writing {out.name}", disable=not progress, transient=True):
+                    data = adapter.file.float32(p.source)
+                    if p.is_b:
+                        data = _transform_b(p.base_name, data, spec, hp) * np.float32(p.extra_scale)
+                    w.write_tensor_data(np.ascontiguousarray(data, dtype=np.float32))
+            finally:
+                w.close()
+    except OSError as exc:
+        raise write_error(out, exc) from None
     return out
 
 
@@ -131,4 +134,4 @@ def scaling_note(adapter: Adapter) -> str:
         return "per-module scaling folded into lora_b (adapter.lora.alpha = 0)"
     r = adapter.file.tensors[next(iter(adapter.deltas.values())).A].shape[0]  # type: ignore[index]
     kind = "rsLoRA alpha/sqrt(r)" if adapter.config.get("use_rslora") else "alpha/r"
-    return f"{kind} = {alpha / r:g} (adapter.lora.alpha = {alpha:g}, r = {r}; sqrt: {math.sqrt(r):g})"
+    return f"scale {kind} = {alpha / r:g}, written as adapter.lora.alpha = {alpha:g} with r = {r}"

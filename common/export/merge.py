@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 
@@ -37,10 +37,10 @@ class ModuleDelta:
     """The adapter's parts for one base module (``model.layers.0.self_attn.q_proj``)."""
 
     module: str
-    A: Optional[str] = None  # adapter tensor names
-    B: Optional[str] = None
-    B_bias: Optional[str] = None
-    magnitude: Optional[str] = None
+    A: str | None = None  # adapter tensor names
+    B: str | None = None
+    B_bias: str | None = None
+    magnitude: str | None = None
     embedding: bool = False  # lora_embedding_A/B: delta = (B @ A).T
     scaling: float = 1.0
 

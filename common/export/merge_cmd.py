@@ -12,7 +12,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from common.config import opt, register
 from common.errors import UserError
@@ -31,7 +31,7 @@ DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 @dataclass
 class MergeConfig:
     run: str = opt(help="run directory (written by 'llm-ft train')", positional=True)
-    out: Optional[str] = opt(None, "output directory (default: RUN/merged)")
+    out: str | None = opt(None, "output directory (default: RUN/merged)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "dtype of the merged weights; auto keeps each base tensor's dtype")
     shard_size_gb: float = opt(2.0, "largest safetensors shard, in GB")
@@ -89,11 +89,23 @@ def copy_aux_files(base_dir: Path, out: Path, config_updates: dict | None = None
 def write_merged(merged: MergedModel, out: str | Path, *, dtype: str = "auto", shard_bytes: int = 2 * 2**30,
                  chat_template: str | None = None, progress: bool = True) -> Path:
     """Write ``merged`` as an HF directory at ``out`` (atomically; streamed tensor by tensor)."""
-    from rich.progress import track
 
     out = Path(out)
     check_free_space(out.parent if not out.exists() else out, estimate_bytes(merged, dtype), f"the merged model {out}")
     plan = [(n, _storage_dtype(merged.info(n).dtype, dtype), merged.info(n).shape) for n in merged.names]
+    try:
+        _write(merged, out, plan, dtype, shard_bytes, chat_template, progress)
+    except OSError as exc:
+        from common.export.gguf_file import write_error
+
+        raise write_error(out, exc) from None
+    return out
+
+
+def _write(merged: MergedModel, out: Path, plan, dtype: str, shard_bytes: int, chat_template: str | None,
+           progress: bool) -> None:
+    from rich.progress import track
+
     with atomic_dir(out) as tmp:
         writer = ShardedWriter(tmp, plan, max_shard_bytes=shard_bytes)
         for name, dtype_out, _ in track(plan, description="merging", disable=not progress, transient=True):
@@ -106,7 +118,6 @@ def write_merged(merged: MergedModel, out: str | Path, *, dtype: str = "auto", s
         if dtype != "auto":
             updates["dtype"] = dtype
         copy_aux_files(merged.base_dir, tmp, updates, chat_template)
-    return out
 
 
 def run_chat_template(run) -> str | None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from common.errors import UserError
 
@@ -36,7 +36,7 @@ class ChatFamily:
     assistant: tuple[str, str]
     generation: str  # what add_generation_prompt appends
     eot: str  # the end-of-turn token (PARAMETER stop)
-    system: Optional[tuple[str, str]] = None  # a system turn's wrapper; None: merged into a user turn
+    system: tuple[str, str] | None = None  # a system turn's wrapper; None: merged into a user turn
     system_into: str = "first_user"  # with system=None: "first_user" (Gemma) or "last_user" (Mistral v0.3)
     system_sep: str = "\n\n"  # between a merged system prompt and the user text
 
@@ -62,7 +62,7 @@ FAMILIES: tuple[ChatFamily, ...] = (
 )
 
 
-def detect_family(chat_template: str) -> Optional[ChatFamily]:
+def detect_family(chat_template: str) -> ChatFamily | None:
     """The family whose marker tokens all appear in the chat template text, if any."""
     for fam in FAMILIES:
         if all(m in chat_template for m in fam.markers):
@@ -74,7 +74,7 @@ def detect_family(chat_template: str) -> Optional[ChatFamily]:
 # rendering: Python and Go from the same pieces
 
 
-def render_family(fam: ChatFamily, system: Optional[str], messages: list[dict[str, Any]], *, prefix: str = "") -> str:
+def render_family(fam: ChatFamily, system: str | None, messages: list[dict[str, Any]], *, prefix: str = "") -> str:
     """What the family's Go template renders for Ollama's data (System + user/assistant
     Messages, ending with a user turn, so with the generation prompt)."""
     turns = [m for m in messages if m["role"] in ("user", "assistant")]
@@ -153,8 +153,8 @@ PROBES: tuple[list[dict[str, str]], ...] = (
 
 @dataclass
 class DerivedTemplate:
-    family: Optional[str]
-    template: Optional[str]  # the Go TEMPLATE, or None when it cannot be derived
+    family: str | None
+    template: str | None  # the Go TEMPLATE, or None when it cannot be derived
     stops: list[str]
     note: str
 
@@ -174,7 +174,7 @@ def renders_bos(chat_template: str, special: dict[str, str]) -> bool:
     return probe([{"role": "user", "content": "x"}]).startswith(sentinel)
 
 
-def derive_template(chat_template: str, special: dict[str, str], *, system: Optional[str], add_bos: bool = False,
+def derive_template(chat_template: str, special: dict[str, str], *, system: str | None, add_bos: bool = False,
                     extra_stops: list[str] = (), conversations: list[list[dict[str, str]]] = ()) -> DerivedTemplate:
     """An Ollama TEMPLATE equivalent to ``chat_template``, checked on probe and data conversations.
 
@@ -210,7 +210,7 @@ def derive_template(chat_template: str, special: dict[str, str], *, system: Opti
                            f"{fam.name} TEMPLATE, equal to the chat template on {checked} conversations")
 
 
-def default_system(chat_template: str, special: dict[str, str]) -> Optional[str]:
+def default_system(chat_template: str, special: dict[str, str]) -> str | None:
     """The system prompt a chat template inserts when a conversation has none (SmolLM2, Qwen2.5), or None.
 
     Ollama only renders a system turn when there is a SYSTEM, so a model trained without

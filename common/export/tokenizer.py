@@ -19,7 +19,6 @@ import json
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
-from typing import Optional
 
 import gguf
 
@@ -60,13 +59,13 @@ class GGUFVocab:
     pre: str
     tokens: list
     types: list[int]
-    scores: Optional[list[float]] = None
+    scores: list[float] | None = None
     merges: list[str] = field(default_factory=list)
     special: dict[str, int] = field(default_factory=dict)  # bos, eos, unk, pad, eot, ...
     add_bos: bool = False
     add_eos: bool = False
-    add_space_prefix: Optional[bool] = None
-    chat_template: Optional[str] = None
+    add_space_prefix: bool | None = None
+    chat_template: str | None = None
 
     def add_to(self, w: gguf.GGUFWriter) -> None:
         w.add_tokenizer_model(self.model)
