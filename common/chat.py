@@ -7,6 +7,7 @@ on stdout, for scripts. A run is loaded as base + adapter without merging.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import dataclass
 from typing import Literal, TextIO
@@ -26,7 +27,7 @@ class ChatConfig:
     target: str = opt(help="a run directory, a model (Hub id, HF or merged directory, 'default') or a .gguf file",
                       positional=True)
     prompt: str | None = opt(None, "one-shot: answer this message, print only the answer to stdout, and exit")
-    system: str | None = opt(None, "system prompt text (default: the run's; none for a plain model)")
+    system: str | None = opt(None, "system prompt text (default: the run's; none for a plain model); '' for none")
     temperature: float = opt(0.0, "sampling temperature; 0 is greedy")
     top_p: float = opt(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
     max_new_tokens: int = opt(512, "longest answer, in tokens")
@@ -154,7 +155,11 @@ def run(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = No
 
 
 def build_parser():
-    return make_parser("chat", __doc__.strip().splitlines()[0], ChatConfig)
+    parser = make_parser("chat", "Chat in the terminal with a run (base + adapter), a model or a GGUF, tokens streamed.",
+                         ChatConfig)
+    parser.epilog = HELP.replace("commands:", "interactive commands:")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    return parser
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """``llm-ft eval``: generate answers for a test split and score them.
 
-JSON answers (a schema is given or found, or every expected answer parses as JSON) get
+JSON answers (--json-schema is given, or every expected answer parses as JSON) get
 parse rate, schema validity, exact match, per-field and intent metrics, a confusion
 matrix and every wrong answer in ``errors.jsonl``. Free-text answers get the eval loss,
 perplexity and sample outputs. Any target works the same way: a base model, a run
@@ -41,8 +41,8 @@ class EvalConfig:
     temperature: float = opt(0.0, "sampling temperature; 0 is greedy (reproducible)")
     top_p: float = opt(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
     seed: int = opt(0, "random seed for sampling (temperature > 0)")
-    task: Literal["auto", "json", "text"] = opt("auto", "how to score answers; auto = json when a schema exists "
-                                                "or every expected answer parses as JSON, else text")
+    task: Literal["auto", "json", "text"] = opt("auto", "how to score answers; auto = json when --json-schema is "
+                                                "given or every expected answer parses as JSON, else text")
     json_schema: str | None = opt(None, "JSON schema answers must satisfy (default: schema.json beside the data)")
     system_prompt_file: str | None = opt(None, "system prompt for targets without their own (runs use theirs); "
                                             "default: the evaluated run's, else ./system_prompt.txt if present; "
@@ -302,7 +302,8 @@ def run(cfg: EvalConfig) -> int:
 
 
 def build_parser():
-    parser = make_parser("eval", __doc__.strip().splitlines()[0], EvalConfig)
+    parser = make_parser("eval", "Generate answers for a test split and score them: JSON metrics (parse rate, "
+                         "schema, exact match, fields, intent F1, confusion) or eval loss for free text.", EvalConfig)
     for action in parser._actions:  # --compare A B C as well as --compare A,B,C
         if action.dest == "compare":
             action.nargs = "+"
