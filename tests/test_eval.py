@@ -151,7 +151,7 @@ def test_eval_gguf_fidelity(tiny_run, monkeypatch):
     base = json.loads((run / "config.json").read_text())["base_model"]["path"]
     gguf = write_tiny_gguf(base, run / "export" / "model.gguf", adapter_dir=run / "adapter")  # export merges the adapter
     run_eval(EvalConfig(target=str(gguf), max_new_tokens=40))
-    m = json.loads((run / "export" / "eval" / "metrics.json").read_text())  # a GGUF in RUN/export/ belongs to the run
+    m = json.loads((run / "export" / "eval-model" / "metrics.json").read_text())  # a GGUF in RUN/export/ belongs to the run
     ref = json.loads((run / "eval" / "metrics.json").read_text()) if (run / "eval" / "metrics.json").exists() else None
     assert m["generator"]["backend"] == "llama.cpp" and m["generator"]["system_prompt"]
     assert m["generator"]["tokenizer"] != "gguf"  # rendered with the base model's HF template

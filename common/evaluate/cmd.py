@@ -56,7 +56,7 @@ class EvalConfig:
     n_ctx: int = opt(4096, "llama.cpp context length in tokens")
     loss: bool = opt(True, "also compute the eval loss and perplexity (teacher-forced, on the answers)")
     samples: int = opt(5, "sample outputs to show and keep in metrics.json")
-    out: str | None = opt(None, "output directory (default: RUN/eval for a run, RUN/export/eval for its GGUF, "
+    out: str | None = opt(None, "output directory (default: RUN/eval for a run, RUN/export/eval-<stem> for its GGUFs, "
                              "else runs/eval-<name>)")
 
     def validate(self) -> list[str]:
@@ -146,8 +146,8 @@ def out_dir_for(target, explicit: str | None) -> Path:
         return Path(explicit)
     if target.kind == "run":
         return target.run_dir / "eval"
-    if target.kind == "gguf" and target.run_dir is not None:
-        return target.gguf_file.parent / "eval"
+    if target.kind == "gguf" and target.run_dir is not None:  # one folder per export (f16, q8_0, ...)
+        return target.gguf_file.parent / f"eval-{target.gguf_file.stem}"
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in target.name)
     return Path("runs") / f"eval-{safe}"
 
