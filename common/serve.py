@@ -17,6 +17,7 @@ import json
 import os
 import queue
 import random
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -92,6 +93,18 @@ def check_host(host: str, share_on_network: bool) -> str | None:
             "there is no login and no encryption")
 
 
+def check_port(host: str, port: int) -> None:
+    """Fail early, before minutes of model loading, when ``host:port`` cannot be listened on."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+        try:
+            s.bind((host.strip("[]"), port))
+        except OSError as exc:
+            raise UserError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); "
+                            "pick another port with --port") from None
+
+
 def load_schema(path: str | Path) -> dict:
     """Read a JSON schema file, naming the file and line of a syntax error."""
     p = Path(path)
@@ -111,17 +124,25 @@ def load_schema(path: str | Path) -> dict:
     return schema
 
 
-def run_schema_path(run_config: dict[str, Any]) -> Path | None:
-    """The schema a run was trained with: its ``json_schema``, else schema.json beside its data."""
+def run_schema_path(run_config: dict[str, Any], root: Path | None = None) -> Path | None:
+    """The schema a run was trained with: its ``json_schema``, else schema.json beside its data.
+
+    Relative paths are tried from the current directory, then from ``root`` (the folder the
+    run was trained in: RUN/../.. for the default runs/<name>).
+    """
+    bases = [Path.cwd()] + ([root] if root is not None else [])
     if run_config.get("json_schema"):
-        return Path(run_config["json_schema"])
+        named = Path(run_config["json_schema"])
+        return next((b / named for b in bases if (b / named).is_file()), named)
     for entry in run_config.get("data") or []:
-        p = Path(str(entry))
-        if not p.exists() and ":" in str(entry):  # PATH:N (N rows sampled)
-            p = Path(str(entry).rsplit(":", 1)[0])
-        candidate = (p if p.is_dir() else p.parent) / "schema.json"
-        if candidate.is_file():
-            return candidate
+        text = str(entry)
+        for base in bases:
+            p = base / text
+            if not p.exists() and ":" in text:  # PATH:N (N rows sampled)
+                p = base / text.rsplit(":", 1)[0]
+            candidate = (p if p.is_dir() else p.parent) / "schema.json"
+            if p.exists() and candidate.is_file():
+                return candidate
     return None
 
 
@@ -142,19 +163,13 @@ def json_verdict(answer: str, schema: dict | None) -> tuple[str | None, str | No
     return pretty, f"**invalid** against the schema:\n{shown}"
 
 
-def content_text(content: Any) -> str:
-    """The text of a chat message's content (a string, or Gradio's list of content blocks)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        return str(content.get("text", ""))
-    if isinstance(content, (list, tuple)):
-        return "".join(content_text(c) for c in content)
-    return ""
+def seed_for(temperature: float) -> int:
+    """A fresh seed per sampled answer (so 'send again' differs); 0 for greedy."""
+    return random.randrange(2**31) if temperature > 0 else 0
 
 
 def model_context(target) -> int | None:
-    """The model's context length in tokens, when its files say (an HF config or the llama.cpp n_ctx)."""
+    """The context length in tokens of a target's HF model (``max_position_embeddings``), when it says."""
     if target.model_dir is None:
         return None
     try:
@@ -195,7 +210,8 @@ class Models:
         if self.schema_path is None and self.target.run_dir is not None:
             from common.run_dir import RunDir
 
-            self.schema_path = run_schema_path(RunDir(Path(self.target.run_dir)).config())
+            run_dir = Path(self.target.run_dir).resolve()
+            self.schema_path = run_schema_path(RunDir(run_dir).config(), root=run_dir.parent.parent)
         self.schema = load_schema(self.schema_path) if self.schema_path else None
 
     def base_generator(self):
@@ -204,7 +220,8 @@ class Models:
             from common.generate import load_generator
 
             base = replace(self.target, kind="model", adapter_dir=None, name=f"{self.target.name}-base")
-            self.base = load_generator(base, backend=self.main.backend, system_prompt="")
+            engine = {"llama.cpp": "llama"}.get(self.main.backend, self.main.backend)
+            self.base = load_generator(base, backend=engine, system_prompt="")
         return self.base
 
     def title(self) -> str:
@@ -223,7 +240,11 @@ class Models:
                                 f"the model's context of {self.context}: clear the chat or lower max new tokens")
 
     def stream(self, generator, messages: list[dict], **settings) -> Iterator[str]:
-        """Yield the answer so far as it grows; the engine runs in a worker thread."""
+        """Yield the answer so far as it grows; the engine runs in a worker thread.
+
+        If the page goes away mid-answer, the worker still finishes (at most max_new_tokens)
+        before the lock lets the next request in.
+        """
         pieces: queue.Queue = queue.Queue()
         done = object()
         result: dict[str, Any] = {}
@@ -370,6 +391,7 @@ def build_app(models: Models, cfg: ServeConfig):
 def run(cfg: ServeConfig) -> int:
     """Load the target once and serve the page until interrupted."""
     warning = check_host(cfg.host, cfg.share_on_network)
+    check_port(cfg.host, cfg.port)
     # Gradio's usage analytics would call out to the internet; nothing leaves this machine.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
@@ -383,9 +405,9 @@ def run(cfg: ServeConfig) -> int:
     try:
         demo.launch(server_name=cfg.host, server_port=cfg.port, share=False, prevent_thread_lock=True, quiet=True,
                     ssr_mode=False, mcp_server=False, show_error=False)
-    except OSError as exc:
-        raise UserError(f"--port {cfg.port}: cannot listen on {cfg.host}:{cfg.port} ({exc}); "
-                        "pick another port with --port") from None
+    except OSError:  # taken between check_port and now
+        raise UserError(f"--port {cfg.port}: cannot listen on {cfg.host}:{cfg.port}; pick another port with --port") \
+            from None
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     print(f"serving {models.target.kind} {models.target.name} at http://{host}:{cfg.port}/ (Ctrl+C to stop)",
           flush=True)
@@ -394,11 +416,6 @@ def run(cfg: ServeConfig) -> int:
     finally:
         demo.close()
     return 0
-
-
-def seed_for(temperature: float) -> int:
-    """A fresh seed per sampled answer (so 'send again' differs); 0 for greedy."""
-    return random.randrange(2**31) if temperature > 0 else 0
 
 
 def build_parser():

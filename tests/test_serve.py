@@ -44,6 +44,18 @@ def test_non_loopback_host_is_refused_without_share_on_network():
         run(ServeConfig(target="no-such-model", host="192.168.1.20", port=9000))
 
 
+def test_port_in_use_is_reported_before_loading(capsys):
+    from common.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "no-such-model", "--port", str(port)]) == 2  # the model is never looked up
+    err = capsys.readouterr().err
+    assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
+
+
 def test_cli_exit_code_for_refused_host(capsys):
     from common.cli import main
 
@@ -84,7 +96,8 @@ def test_json_verdict():
     assert json.loads(pretty) == [1, 2] and "no schema" in verdict
 
 
-def test_run_schema_path(tmp_path):
+def test_run_schema_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path.parent)
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.jsonl").write_text("")
@@ -93,6 +106,8 @@ def test_run_schema_path(tmp_path):
     assert run_schema_path({"data": [str(data)]}) == data / "schema.json"
     assert run_schema_path({"data": [f"{data / 'train.jsonl'}:20"]}) == data / "schema.json"  # PATH:N
     assert run_schema_path({"json_schema": "elsewhere.json", "data": [str(data)]}) == Path("elsewhere.json")
+    # Relative paths, as training wrote them, from the folder the run was trained in.
+    assert run_schema_path({"data": ["data"]}, root=tmp_path) == tmp_path / "data" / "schema.json"
 
 
 # ---------------------------------------------------------------------------
@@ -162,6 +177,33 @@ def test_models_request_checks_and_base_comparison(tiny_run, tiny_model_dir):
 
     plain = Models(ServeConfig(target=str(tiny_model_dir)))
     assert not plain.can_compare and plain.default_system == "" and plain.schema is None
+
+
+@pytest.mark.llama
+@pytest.mark.torch
+def test_models_gguf_target(tiny_model_dir, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from common.export.arch import load_hparams, spec_for
+    from common.export.gguf_file import write_gguf
+    from common.export.merge import open_merged
+    from common.export.tokenizer import build_vocab
+    from common.models import load_tokenizer
+    from common.prompts import resolve_template
+    from common.serve import Models
+
+    hp = load_hparams(tiny_model_dir)
+    vocab = build_vocab(tiny_model_dir, int(hp["vocab_size"]), pre_override="gpt-2", eot_token="<|im_end|>",
+                        chat_template=resolve_template(load_tokenizer(tiny_model_dir)))
+    gguf = write_gguf(open_merged(tiny_model_dir, None), hp, spec_for(hp), vocab, tmp_path / "tiny.gguf", "f32",
+                      name="tiny", progress=False).path
+    models = Models(ServeConfig(target=str(gguf), n_ctx=256))
+    assert not models.can_compare and models.main.backend == "llama.cpp"
+    assert models.context == 256 and models.token_cap == 256  # llama.cpp's context, not the HF config's
+    chat = [{"role": "user", "content": QUESTION}]
+    with pytest.raises(UserError, match="over the model's context of 256"):
+        models.check_request(chat, 250)
+    streamed = list(models.stream(models.main, chat, max_new_tokens=12))
+    assert streamed and streamed[-1] == models.main.generate(chat, max_new_tokens=12)
 
 
 # ---------------------------------------------------------------------------
@@ -248,14 +290,15 @@ RECORD_BOT_TEXTS = """() => {
 
 @pytest.mark.torch
 def test_page_chat_streams_and_reports_an_empty_message(browser, tiny_model_dir, tmp_path):
+    from playwright.sync_api import expect
     with serving(tiny_model_dir, tmp_path, "--max-new-tokens", "48") as url:
         page = browser.new_page()
         page.goto(url)
         page.locator("#message textarea").wait_for(timeout=30_000)  # Gradio renders after the load event
         for elem in ("#chat", "#message", "#send", "#system", "#temperature", "#top-p", "#max-new-tokens"):
-            assert page.locator(elem).first.is_visible(), elem
+            expect(page.locator(elem).first).to_be_visible()  # waits while Gradio renders
         # A model has no base to compare with: the toggle is disabled and says why.
-        assert page.locator("#compare input").is_disabled()
+        expect(page.locator("#compare input")).to_be_disabled()
         assert "only for a run directory" in page.locator("#compare").inner_text()
 
         send(page, QUESTION)
@@ -298,12 +341,13 @@ def test_page_chat_streams_and_reports_an_empty_message(browser, tiny_model_dir,
 
 @pytest.mark.torch
 def test_page_compares_with_base_and_checks_json(browser, tiny_run, tmp_path):
+    from playwright.sync_api import expect
     with serving(tiny_run, tmp_path, "--max-new-tokens", "40") as url:
         page = browser.new_page()
         page.goto(url)
         page.locator("#message textarea").wait_for(timeout=30_000)
-        assert page.locator("#system textarea").input_value() == SYSTEM  # the run's prompt, editable
-        assert page.locator("#json-verdict").is_visible()  # a JSON task: the run's data has a schema
+        expect(page.locator("#system textarea")).to_have_value(SYSTEM)  # the run's prompt, editable
+        expect(page.locator("#json-verdict")).to_be_visible()  # a JSON task: the run's data has a schema
         page.locator("#compare input").check()
         page.locator("#base-chat").wait_for(state="visible", timeout=10_000)
         page.evaluate(RECORD_BOT_TEXTS)
