@@ -12,9 +12,9 @@ UNAME_M := $(shell uname -m)
 
 # MLX on Apple Silicon; elsewhere MLX on the CPU (for tests) plus the PyTorch backend.
 ifeq ($(UNAME_S),Darwin)
-EXTRAS ?= mlx,verify,dev
+EXTRAS ?= mlx,verify,web,dev
 else
-EXTRAS ?= mlx,torch,verify,dev
+EXTRAS ?= mlx,torch,verify,web,dev
 endif
 # Linux without an NVIDIA GPU: the CPU build of torch (set TORCH_INDEX to use another index).
 ifeq ($(UNAME_S),Linux)
