@@ -295,3 +295,54 @@ def test_free_space_is_checked_before_writing(models, tmp_path, monkeypatch):
         run(ExportConfig(source=str(models("llama")), quant="f16", out=str(tmp_path / "m.gguf"), pre="gpt-2",
                          verify=False))
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------
+# SentencePiece tokenizers
+
+
+def _spm_model(root: Path) -> Path:
+    """A tiny llama whose tokenizer is a SentencePiece model (byte fallback, ChatML tokens)."""
+    import io
+
+    import sentencepiece as spm
+    from tiny import CHATML, CORPUS, make_model
+
+    tok_dir = root / "spm-tok"
+    tok_dir.mkdir()
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS * 20), model_writer=buf, vocab_size=420,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, user_defined_symbols=["<|im_start|>", "<|im_end|>"],
+                                   minloglevel=2)
+    (tok_dir / "tokenizer.model").write_bytes(buf.getvalue())
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "legacy": False}))
+    model_dir = make_model(root / "spm-llama", "llama", tokenizer_dir=tok_dir)
+    shutil.copy(tok_dir / "tokenizer.model", model_dir / "tokenizer.model")
+    (model_dir / "chat_template.jinja").write_text(CHATML)
+    return model_dir
+
+
+@pytest.mark.llama
+@pytest.mark.torch
+def test_sentencepiece_tokenizer(tmp_path):
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("sentencepiece")
+    import gguf
+
+    model_dir = _spm_model(tmp_path)
+    out = tmp_path / "spm.gguf"
+    result = run(ExportConfig(source=str(model_dir), quant="f32", out=str(out), verify_prompts=1, max_new_tokens=4))
+    r = _reader(out)
+    assert _field(r, "tokenizer.ggml.model") == "llama" and _field(r, "tokenizer.ggml.pre") == "default"
+    assert "tokenizer.ggml.scores" in r.fields
+    types = r.fields["tokenizer.ggml.token_type"]
+    type_of = {i: int(types.parts[types.data[i]][0]) for i in range(8)}
+    assert type_of[0] == gguf.TokenType.UNKNOWN and type_of[1] == gguf.TokenType.CONTROL
+    assert type_of[3] in (gguf.TokenType.USER_DEFINED, gguf.TokenType.CONTROL)  # <|im_start|>
+    # rendered chat prompts tokenize identically; weights too
+    assert result.report.passed, result.report.failures
+    assert result.report.tokens["prompts_equal_with_bos"] == result.report.tokens["prompts"]
+    assert result.report.logits["nmse_max"] < 1e-4

@@ -161,11 +161,21 @@ def run(cfg: ExportConfig) -> ExportResult:
         formatter = None
         notes.append(f"no chat template ({exc.message}): no TEMPLATE in the Modelfile, prompts not verified")
     eot = formatter.stop_tokens[0] if formatter and formatter.stop_tokens else None
-    vocab = build_vocab(src.base_dir, merged.info(next(n for n in merged.names if n.endswith("embed_tokens.weight"))).shape[0],
-                        chat_template=formatter.template if formatter else None, eot_token=eot,
-                        pre_override=cfg.pre, add_space_prefix=spec.add_space_prefix)
+    starts_special = None
+    if formatter is not None:  # does a rendered prompt begin with a special token (or BOS)?
+        first = formatter.tokenizer.encode(formatter.prompt_text([{"role": "user", "content": "x"}]),
+                                           add_special_tokens=False)[:1]
+        starts_special = formatter.add_bos or bool(first and first[0] in formatter.tokenizer.all_special_ids
+                                                   + list(formatter.tokenizer.added_tokens_decoder))
+    embed = next(n for n in merged.names if n.endswith("embed_tokens.weight"))
+    vocab = build_vocab(src.base_dir, merged.info(embed).shape[0], chat_template=formatter.template if formatter else None,
+                        eot_token=eot, pre_override=cfg.pre, add_space_prefix=spec.add_space_prefix,
+                        prompts_start_special=starts_special)
     if formatter is not None and vocab.add_bos != formatter.add_bos:
-        notes.append(f"BOS: the tokenizer adds it ({vocab.add_bos}) but its config says add_bos_token={formatter.add_bos}")
+        # Training tokenized through ChatFormatter: llama.cpp must add a BOS exactly when it did.
+        notes.append(f"BOS: tokenizer.encode {'adds' if vocab.add_bos else 'does not add'} one, training "
+                     f"{'did' if formatter.add_bos else 'did not'}; the GGUF follows training")
+        vocab.add_bos = formatter.add_bos
 
     result_gguf = write_gguf(merged, hp, spec, vocab, gguf_path, quant, name=name)
     print(f"wrote {result_gguf.path} ({result_gguf.path.stat().st_size / 2**20:.1f} MiB, {quant})")
@@ -180,7 +190,7 @@ def run(cfg: ExportConfig) -> ExportResult:
 
     report = None
     if cfg.verify:
-        report = _verify(cfg, src, formatter, quant, gguf_path, adapter_path, held_rows, notes)
+        report = _verify(cfg, src, formatter, quant, gguf_path, adapter_path, held_rows, notes, vocab.raw_text_exact)
     for note in notes:
         print(f"note: {note}")
     ollama_name = slug(cfg.ollama_create or name)
@@ -221,7 +231,7 @@ def write_modelfile(gguf_path: Path, adapter_path: Path | None, src: Source, for
 
 
 def _verify(cfg: ExportConfig, src: Source, formatter, quant: str, gguf_path: Path, adapter_path: Path | None,
-            held_rows, notes: list[str]):
+            held_rows, notes: list[str], raw_text_exact: bool = True):
     from common.export.gguf_file import llama_cpp_available
 
     if not llama_cpp_available():
@@ -236,7 +246,8 @@ def _verify(cfg: ExportConfig, src: Source, formatter, quant: str, gguf_path: Pa
     held = [generation_prompt_messages(r)[0] for r in held_rows[: cfg.verify_prompts]]
     report = verify_gguf(gguf_path, formatter=formatter,
                          quant=quant, model_dir=src.base_dir, adapter_dir=src.adapter_dir, lora=adapter_path,
-                         conversations=held[:4], held_out=held, max_tokens=cfg.max_new_tokens)
+                         conversations=held[:4], held_out=held, max_tokens=cfg.max_new_tokens,
+                         raw_text_exact=raw_text_exact)
     write_json(gguf_path.with_name("verify.json"), {**report.to_dict(), "export_notes": notes})
     print_report(report)
     return report

@@ -66,6 +66,11 @@ class GGUFVocab:
     add_eos: bool = False
     add_space_prefix: bool | None = None
     chat_template: str | None = None
+    # False when llama.cpp cannot reproduce the HF tokenizer on every raw text (SentencePiece
+    # with Metaspace prepend_scheme "first": HF adds "▁" at the start of the text only, llama.cpp
+    # after every special token or nowhere). Whole chat prompts are then matched by choosing
+    # add_space_prefix from how the prompts start; verification judges prompts, notes raw texts.
+    raw_text_exact: bool = True
 
     def add_to(self, w: gguf.GGUFWriter) -> None:
         w.add_tokenizer_model(self.model)
@@ -149,7 +154,7 @@ def _bpe_vocab(tokenizer, n_vocab: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def _spm_vocab(model_dir: Path, n_vocab: int) -> tuple[list[bytes], list[float], list[int]]:
+def _spm_vocab(model_dir: Path, tokenizer, n_vocab: int) -> tuple[list[bytes], list[float], list[int]]:
     from sentencepiece import SentencePieceProcessor
 
     sp = SentencePieceProcessor()
@@ -170,14 +175,10 @@ def _spm_vocab(model_dir: Path, n_vocab: int) -> tuple[list[bytes], list[float],
         elif sp.IsByte(i):
             kind = gguf.TokenType.BYTE
         tokens[i], scores[i], types[i] = sp.IdToPiece(i).encode("utf-8"), sp.GetScore(i), int(kind)
-    added: dict[int, dict] = {}
-    if (model_dir / "added_tokens.json").is_file():
-        for text, tid in json.loads((model_dir / "added_tokens.json").read_text(encoding="utf-8")).items():
-            added[int(tid)] = {"content": text, "special": False}
-    if (model_dir / "tokenizer_config.json").is_file():
-        cfg = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-        for tid, data in (cfg.get("added_tokens_decoder") or {}).items():
-            added[int(tid)] = data
+    # Added tokens as the HF tokenizer sees them (added_tokens.json, tokenizer_config.json and
+    # tokenizer.json all feed it); SentencePiece's own user-defined pieces are among them.
+    added = {int(tid): {"content": tok.content, "special": tok.special}
+             for tid, tok in tokenizer.added_tokens_decoder.items()}
     for tid, data in added.items():
         if tid >= size:
             continue
@@ -206,9 +207,25 @@ def _tokenizer_kind(model_dir: Path) -> str:
                     "(supported: byte-level BPE, SentencePiece)")
 
 
+def metaspace_scheme(model_dir: Path) -> str | None:
+    """SentencePiece-style prefix rule of a tokenizer.json: "always", "first", "never" or None."""
+    tj = model_dir / "tokenizer.json"
+    if not tj.is_file():
+        return None
+    data = json.loads(tj.read_text(encoding="utf-8"))
+    for part in (data.get("normalizer"), data.get("pre_tokenizer")):
+        items = (part or {}).get("normalizers") or (part or {}).get("pretokenizers") or [part or {}]
+        for item in items:
+            if item.get("type") == "Metaspace":
+                return str(item.get("prepend_scheme", "always"))
+            if item.get("type") == "Prepend" and item.get("prepend") == "\u2581":
+                return "always"  # legacy Llama normalizer: a "▁" before every text
+    return None
+
+
 def build_vocab(model_dir: str | Path, n_vocab: int, *, chat_template: str | None = None,
                 eot_token: str | None = None, pre_override: str | None = None,
-                add_space_prefix: bool | None = None) -> GGUFVocab:
+                add_space_prefix: bool | None = None, prompts_start_special: bool | None = None) -> GGUFVocab:
     """The GGUF tokenizer of the HF model at ``model_dir`` with ``n_vocab`` rows of embeddings.
 
     ``chat_template`` is embedded as ``tokenizer.chat_template``; ``eot_token`` (the
@@ -227,7 +244,7 @@ def build_vocab(model_dir: str | Path, n_vocab: int, *, chat_template: str | Non
         tokens, types = _bpe_vocab(tokenizer, n_vocab)
         model, pre = "gpt2", identify_pre(tokenizer, str(model_dir / "tokenizer.json"), pre_override)
     elif kind == "spm":
-        tokens, scores, types = _spm_vocab(model_dir, n_vocab)
+        tokens, scores, types = _spm_vocab(model_dir, tokenizer, n_vocab)
         model, pre = "llama", "default"
     else:
         hf = gguf.LlamaHfVocab(model_dir)
@@ -236,6 +253,14 @@ def build_vocab(model_dir: str | Path, n_vocab: int, *, chat_template: str | Non
         scores = [s for _, s, _ in triples] + [-1000.0] * (n_vocab - len(triples))
         types = [int(k) for _, _, k in triples] + [int(gguf.TokenType.UNUSED)] * (n_vocab - len(triples))
         model, pre = "llama", "default"
+    raw_text_exact = True
+    if kind != "bpe" and add_space_prefix is None:
+        scheme = metaspace_scheme(model_dir)
+        if scheme in ("always", "never"):
+            add_space_prefix = scheme == "always"
+        elif scheme == "first":
+            add_space_prefix = not prompts_start_special
+            raw_text_exact = False
     special_vocab = gguf.SpecialVocab(model_dir, load_merges=kind == "bpe", n_vocab=len(tokens))
     if kind == "bpe":
         merges = list(special_vocab.merges)
@@ -254,4 +279,4 @@ def build_vocab(model_dir: str | Path, n_vocab: int, *, chat_template: str | Non
     add_bos, add_eos = _bos_eos_behaviour(tokenizer)
     return GGUFVocab(model=model, pre=pre, tokens=tokens, types=[int(t) for t in types], scores=scores,
                      merges=merges, special=special, add_bos=add_bos, add_eos=add_eos,
-                     add_space_prefix=add_space_prefix, chat_template=chat_template)
+                     add_space_prefix=add_space_prefix, chat_template=chat_template, raw_text_exact=raw_text_exact)
