@@ -111,15 +111,47 @@ def prepare(cfg: TrainConfig, console) -> Prepared:
     return Prepared(run_dir, resolved, tokenizer, system_prompt, fp, data)
 
 
-def _preflight(cfg: TrainConfig, resolved, n_train_tokens_max: int, backend: str, console) -> None:
-    """Check that the model fits in memory before loading it (common.models.memory)."""
-    try:  # TEMPORARY until common.models.memory lands
-        from common.models import memory
-    except ImportError:
-        return
-    report = memory.preflight(resolved.path, cfg, backend=backend, seq_len=n_train_tokens_max)
-    for line in getattr(report, "notes", []) or []:
-        console.print(f"[dim]{line}[/]")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _device_and_dtype_bytes(cfg: TrainConfig, backend: str) -> tuple[Optional[str], int]:
+    """The device training will use and its bytes per weight, before the backend loads anything.
+
+    Mirrors the backends' own choice (torch_ft.device.choose, mlx_ft.model.resolve_dtype).
+    """
+    if backend == "mlx":
+        from common.train.backend import is_apple_silicon
+
+        gpu = is_apple_silicon()
+        return None, DTYPE_BYTES.get(cfg.dtype, 2 if gpu else 4)
+    device = cfg.device
+    if device is None:
+        import torch  # the torch backend is about to import it anyway
+
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    if cfg.dtype != "auto":
+        return device, DTYPE_BYTES[cfg.dtype]
+    return device, 2 if device.startswith("cuda") else 4
+
+
+def _preflight(cfg: TrainConfig, resolved, longest: int, backend: str, console) -> None:
+    """Refuse, before loading any weight, a run that would not fit in memory (common.models.memory)."""
+    import json
+
+    from common.models import memory
+
+    model_config = json.loads((Path(resolved.path) / "config.json").read_text(encoding="utf-8"))
+    device, dtype_bytes = _device_and_dtype_bytes(cfg, backend)
+    est = memory.preflight(model_config, backend=backend, device=device, dtype_bytes=dtype_bytes,
+                           load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r, targets=cfg.targets,
+                           batch_size=cfg.batch_size, seq_len=cfg.max_seq_length if cfg.packing else longest,
+                           grad_checkpoint=cfg.grad_checkpoint, num_layers=cfg.num_layers)
+    console.print(f"[dim]memory estimate: {est.describe()}[/]")
 
 
 def write_description(p: Prepared, cfg: TrainConfig, backend: str) -> None:

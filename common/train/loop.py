@@ -251,9 +251,9 @@ class Trainer:
         progress.print(f"[yellow]step {s.step}: non-finite {what}, step skipped{where}[/]")
 
     def fit(self, resume: Optional[Path] = None) -> dict[str, Any]:
-        cfg, s = self.cfg, self.state
         if resume is not None:
-            self.restore(resume)
+            self.restore(resume)  # replaces self.state: bind it only afterwards
+        cfg, s = self.cfg, self.state
         wall0 = time.time()
         with TrainProgress(self.total_steps, s.step, self.console) as progress, Interrupt() as interrupt:
             while s.step < self.total_steps:
