@@ -1,0 +1,164 @@
+"""The torch backend's own parts: packing masks, chunked loss, device choice, LoRA variants, QLoRA errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from common.errors import UserError  # noqa: E402
+from common.options import TrainConfig  # noqa: E402
+from common.rows import Conversation, Example, Text  # noqa: E402
+from common.train.batching import make_batch  # noqa: E402
+from torch_ft import device as devices  # noqa: E402
+from torch_ft import loss as losses  # noqa: E402
+from torch_ft.backend import TorchBackend  # noqa: E402
+
+pytestmark = [pytest.mark.torch, pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old_env, old_threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(old_threads)
+    if old_env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = old_env
+
+
+@pytest.fixture(scope="module")
+def fmt(tiny_model_dir):
+    from common.models import load_tokenizer
+    from common.prompts import ChatFormatter
+
+    return ChatFormatter(load_tokenizer(tiny_model_dir), system_prompt="You are an intent classifier.")
+
+
+def chat(fmt, user: str, answer: str) -> Example:
+    return fmt.encode(Conversation([{"role": "user", "content": user}, {"role": "assistant", "content": answer}]))
+
+
+def backend_for(model_dir, **kw) -> TorchBackend:
+    b = TorchBackend()
+    cfg = TrainConfig(model=str(model_dir), lora_r=4, lora_alpha=8.0, seed=3, **kw)
+    b.setup(Path(model_dir), cfg, pad_id=0)
+    return b
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model_dir):
+    b = backend_for(tiny_model_dir)
+    # Move B off zero so the adapter changes the function (a fresh LoRA is the identity).
+    b.forward_backward(make_batch([[Example(list(range(5, 40)), [1] * 35)]], 0), 1 / 34)
+    b.optimizer_step(5e-2, 1.0)
+    return b
+
+
+def test_packed_rows_give_the_unpacked_loss(backend, fmt):
+    a = chat(fmt, "set a timer for ten minutes", '{"intent": "set_timer"}')
+    b = chat(fmt, "play some jazz", '{"intent": "play_music", "slots": {"genre": "jazz"}}')
+    c = Text("The quick brown fox jumps over the lazy dog.")
+    c = fmt.encode(c)
+    unpacked = make_batch([[a], [b], [c]], 0)
+    packed = make_batch([[a, b, c]], 0)
+    mixed = make_batch([[a, c], [b]], 0)
+    ref, n = backend.eval_loss(unpacked)
+    for batch in (packed, mixed):
+        got, m = backend.eval_loss(batch)
+        assert m == n
+        assert got / m == pytest.approx(ref / n, abs=1e-5)
+    # The training path too (forward_backward returns the same sum).
+    assert backend.forward_backward(packed, 1 / n) == pytest.approx(ref, rel=1e-5)
+    backend.optimizer_step(0.0, 1.0, skip=True)
+
+
+def test_no_attention_across_packed_examples(backend, fmt):
+    a = chat(fmt, "set a timer for ten minutes", '{"intent": "set_timer"}')
+    other = chat(fmt, "what's the weather in Paris tomorrow", '{"intent": "get_weather"}')
+    b = chat(fmt, "play some jazz", '{"intent": "play_music"}')
+    alone = backend.eval_loss(make_batch([[b]], 0))[0]
+    for first in (a, other):  # whatever precedes b in the row, b's loss is its own
+        packed = backend.eval_loss(make_batch([[first, b]], 0))[0]
+        assert packed - backend.eval_loss(make_batch([[first]], 0))[0] == pytest.approx(alone, abs=1e-4)
+    inputs = losses.model_inputs(make_batch([[a, b]], 0), torch.device("cpu"), torch.float32, "sdpa")
+    mask = inputs["attention_mask"]
+    assert mask.shape == (1, 1, len(a) + len(b), len(a) + len(b))
+    assert (mask[0, 0, len(a):, : len(a)] < -1e30).all()  # b's queries never see a's keys
+    assert (mask[0, 0, len(a):, len(a):] == 0).sum() == len(b) * (len(b) + 1) // 2  # causal inside b
+
+
+def test_chunked_loss_matches_one_chunk(tiny_model_dir, fmt, monkeypatch):
+    rows = [fmt.encode(Text(t)) for t in ("The quick brown fox jumps over the lazy dog. 0123456789 " * 2,
+                                          "set a timer for ten minutes and play some jazz please " * 2,
+                                          "user assistant system hello world thanks " * 3)]
+    batch = make_batch([[r] for r in rows], 0)
+    assert batch.n_supervised > 128  # more than one chunk of the smallest size
+    results = []
+    for budget in (losses.LOGITS_BUDGET, 1):  # 1 -> chunks of 128 positions, recomputed in backward
+        monkeypatch.setattr(losses, "LOGITS_BUDGET", budget)
+        b = backend_for(tiny_model_dir)
+        first = b.forward_backward(batch, 1 / batch.n_supervised)
+        b.optimizer_step(1e-2, 1.0)
+        results.append((first, b.eval_loss(batch)[0]))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
+    assert results[1][1] == pytest.approx(results[0][1], rel=1e-6)  # same gradients, same update
+
+
+def test_device_choice_on_cpu():
+    p = devices.choose(None, "auto")
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        assert (p.kind, p.dtype, p.autocast, p.grad_scaler) == ("cpu", torch.float32, False, False)
+        assert "cpu" in p.description and "float32" in p.description
+        with pytest.raises(UserError, match="CUDA is not available"):
+            devices.choose("cuda", "auto")
+    with pytest.raises(UserError, match="float16"):
+        devices.choose("cpu", "float16")
+
+
+def test_qlora_without_a_gpu_names_the_alternatives(tiny_model_dir):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(UserError) as err:
+        backend_for(tiny_model_dir, load_in_4bit=True)
+    text = err.value.render()
+    assert "--load-in-4bit" in text and "--backend mlx" in text and "cpu" in text
+
+
+def test_dora_rslora_on_the_last_layer(tiny_model_dir, tmp_path):
+    b = backend_for(tiny_model_dir, use_dora=True, use_rslora=True, num_layers=1, targets=["q_proj", "v_proj", "nope"])
+    batch = make_batch([[Example(list(range(5, 30)), [1] * 25)]], 0)
+    before = b.eval_loss(batch)[0]
+    for _ in range(3):
+        b.forward_backward(batch, 1 / 24)
+        assert b.optimizer_step(1e-2, 1.0).finite
+    assert b.eval_loss(batch)[0] < before
+    b.save_adapter(tmp_path, "base")
+    from safetensors.numpy import load_file
+
+    keys = list(load_file(str(tmp_path / "adapter_model.safetensors")))
+    assert keys and all(".layers.1." in k for k in keys)  # only the last of 2 layers
+    assert any("lora_magnitude_vector" in k for k in keys)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["use_dora"] and config["use_rslora"] and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+
+
+def test_unknown_targets_list_what_exists(tiny_model_dir):
+    with pytest.raises(UserError) as err:
+        backend_for(tiny_model_dir, targets=["qkv"])
+    assert "q_proj" in err.value.render() and "down_proj" in err.value.render()
+
+
+def test_eight_bit_optimizer_falls_back_on_cpu(tiny_model_dir):
+    b = TorchBackend()
+    info = b.setup(Path(tiny_model_dir), TrainConfig(model=str(tiny_model_dir), optim="adamw_8bit"), 0)
+    if not torch.cuda.is_available():
+        assert any("using adamw" in n for n in info.notes)
+        assert type(b.optimizer).__name__ == "AdamW"
