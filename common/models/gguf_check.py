@@ -125,7 +125,7 @@ def _value(cur: _Cursor, vtype: int, key: str, depth: int = 0):
     count = cur.u64(f"array length of {key!r}")
     item = _min_item_bytes(itype)
     if count * item > cur.size - cur.pos:
-        raise _Bad(f"key {key!r}: array of {count} items cannot fit in the {cur.size - cur.pos} bytes left")
+        raise _Bad(f"key {key!r}: array of {count} items cannot fit in the {cur.size - cur.pos} bytes left (truncated or corrupt)")
     if itype in _SCALARS:
         cur.pos += count * item
     elif itype == _STRING:
@@ -176,9 +176,9 @@ def _scan(path: Path, buf, size: int) -> GGUFHeader:
     n_kv = cur.u64("metadata count")
     left = size - cur.pos
     if n_kv * 13 > left:  # smallest pair: 8-byte key length + 4-byte type + 1-byte value
-        raise _Bad(f"metadata count {n_kv} cannot fit in the {left} bytes left")
+        raise _Bad(f"metadata count {n_kv} cannot fit in the {left} bytes left (truncated or corrupt)")
     if n_tensors * 24 > left:  # smallest tensor info: name length, n_dims, type, offset
-        raise _Bad(f"tensor count {n_tensors} cannot fit in the {left} bytes left")
+        raise _Bad(f"tensor count {n_tensors} cannot fit in the {left} bytes left (truncated or corrupt)")
 
     metadata: dict[str, Any] = {}
     for i in range(n_kv):

@@ -72,10 +72,13 @@ class Shape:
     hidden: int
     inter: int
     layers: int
+    head_dim: int
     q_dim: int
     kv_dim: int
     tied: bool
-    fused: bool  # phi3: qkv_proj and gate_up_proj
+    model_type: str
+    attention_bias: bool
+    mlp_bias: bool
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> Shape:
@@ -84,11 +87,16 @@ class Shape:
             hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
             head_dim = int(cfg.get("head_dim") or hidden // heads)
             return cls(vocab=int(cfg["vocab_size"]), hidden=hidden, inter=int(cfg.get("intermediate_size") or 4 * hidden),
-                       layers=int(cfg["num_hidden_layers"]), q_dim=heads * head_dim,
+                       layers=int(cfg["num_hidden_layers"]), head_dim=head_dim, q_dim=heads * head_dim,
                        kv_dim=int(cfg.get("num_key_value_heads") or heads) * head_dim,
-                       tied=bool(cfg.get("tie_word_embeddings", False)), fused=cfg.get("model_type") == "phi3")
+                       tied=bool(cfg.get("tie_word_embeddings", False)), model_type=str(cfg.get("model_type", "")),
+                       attention_bias=bool(cfg.get("attention_bias", False)), mlp_bias=bool(cfg.get("mlp_bias", False)))
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"config.json: cannot estimate memory: missing or invalid {exc}") from None
+
+    @property
+    def fused(self) -> bool:  # phi3: qkv_proj and gate_up_proj
+        return self.model_type == "phi3"
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """Per-layer linear modules: name -> (in_features, out_features)."""
@@ -99,7 +107,17 @@ class Shape:
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
     def parameter_count(self) -> int:
-        per_layer = sum(a * b for a, b in self.linears().values()) + 2 * self.hidden
+        """Parameters of the whole model, from its shape (matches the safetensors of supported families)."""
+        norms = 4 if self.model_type.startswith(("gemma2", "gemma3")) else 2  # Gemma: pre and post norms
+        per_layer = sum(a * b for a, b in self.linears().values()) + norms * self.hidden
+        if self.model_type in ("qwen3", "gemma3", "gemma3_text"):
+            per_layer += 2 * self.head_dim  # q_norm and k_norm
+        if self.model_type == "qwen2":
+            per_layer += self.q_dim + 2 * self.kv_dim  # q/k/v biases
+        elif self.attention_bias:
+            per_layer += 2 * self.q_dim + 2 * self.kv_dim if not self.fused else 0
+        if self.mlp_bias:
+            per_layer += 2 * self.inter + self.hidden
         embed = self.vocab * self.hidden
         return embed * (1 if self.tied else 2) + self.layers * per_layer + self.hidden
 
@@ -220,8 +238,8 @@ def _suggestions(model_config: dict[str, Any], kw: dict[str, Any], limit: int) -
     """Single changes (then pairs) that bring the estimate under ``limit``, each with its estimate."""
     s = Shape.from_config(model_config)
     changes: list[tuple[str, dict[str, Any]]] = []
-    if not kw["load_in_4bit"]:
-        changes.append(("a 4-bit base (--load-in-4bit)", {"load_in_4bit": True}))
+    if not kw["load_in_4bit"] and (kw["backend"] == "mlx" or (kw.get("device") or "").startswith("cuda")):
+        changes.append(("a 4-bit base (--load-in-4bit)", {"load_in_4bit": True}))  # bitsandbytes needs CUDA
     if not kw["grad_checkpoint"]:
         changes.append(("gradient checkpointing (--grad-checkpoint)", {"grad_checkpoint": True}))
     b = kw["batch_size"]
@@ -265,16 +283,24 @@ def _suggestions(model_config: dict[str, Any], kw: dict[str, Any], limit: int) -
     return found[:3]
 
 
-def preflight(model_config: dict[str, Any], *, backend: str, device: str | None = None, dtype_bytes: int,
-              load_in_4bit: bool, lora_r: int, targets: Sequence[str], batch_size: int, seq_len: int,
-              grad_checkpoint: bool, num_layers: int | None = None, limit_bytes: int | None = None,
-              headroom: float = 0.9) -> Estimate:
-    """Estimate training memory and raise UserError, with what would fit, if it exceeds what is available.
+@dataclass
+class Assessment:
+    estimate: Estimate
+    available: int  # bytes, 0 when unknown
+    where: str  # what ``available`` measured
+    limit: int  # the part of ``available`` the estimate may use
+    suggestions: list[str]  # changes that would fit, each with its estimate (empty when it fits)
 
-    ``backend`` is 'torch' or 'mlx' (the resolved one, not 'auto'); ``device`` a torch device string.
-    ``limit_bytes`` overrides the measured availability (tests, or a user's cap); ``headroom`` is the
-    fraction of it the estimate may use. Returns the estimate when it fits.
-    """
+    @property
+    def fits(self) -> bool:
+        return self.available <= 0 or self.estimate.total_bytes <= self.limit
+
+
+def assess(model_config: dict[str, Any], *, backend: str, device: str | None = None, dtype_bytes: int,
+           load_in_4bit: bool, lora_r: int, targets: Sequence[str], batch_size: int, seq_len: int,
+           grad_checkpoint: bool, num_layers: int | None = None, limit_bytes: int | None = None,
+           headroom: float = 0.9) -> Assessment:
+    """The estimate, what is available, and (when it does not fit) what would; raises nothing."""
     kw = dict(backend=backend, device=device, dtype_bytes=dtype_bytes, load_in_4bit=load_in_4bit, lora_r=lora_r,
               targets=list(targets), batch_size=batch_size, seq_len=seq_len, grad_checkpoint=grad_checkpoint,
               num_layers=num_layers)
@@ -283,14 +309,32 @@ def preflight(model_config: dict[str, Any], *, backend: str, device: str | None 
         available, where = available_memory(backend, device)
     else:
         available, where = limit_bytes, f"limit {format_bytes(limit_bytes)}"
-    if available <= 0:  # unknown: do not block training on a guess
-        return est
     limit = int(available * headroom)
-    if est.total_bytes <= limit:
-        return est
-    found = _suggestions(model_config, kw, limit)
-    problems = [f"estimate: {est.describe()}", f"available: {where}; the estimate may use {int(headroom * 100)}%"]
-    problems += [f"would fit: {f}" for f in found] or ["no single or paired change fits: choose a smaller model"]
-    raise UserError(f"training would need about {format_bytes(est.total_bytes)} but only "
-                    f"{format_bytes(limit)} is available", problems)
+    result = Assessment(est, available, where, limit, [])
+    if not result.fits:
+        result.suggestions = _suggestions(model_config, kw, limit)
+    return result
 
+
+def preflight(model_config: dict[str, Any], *, backend: str, device: str | None = None, dtype_bytes: int,
+              load_in_4bit: bool, lora_r: int, targets: Sequence[str], batch_size: int, seq_len: int,
+              grad_checkpoint: bool, num_layers: int | None = None, limit_bytes: int | None = None,
+              headroom: float = 0.9) -> Estimate:
+    """Estimate training memory; raise UserError, listing what would fit, if it exceeds what is available.
+
+    Call it before loading any weight. ``backend`` is 'torch' or 'mlx' (resolved, not 'auto');
+    ``device`` a torch device string ('cuda:0', 'cpu', 'mps'; None = cpu); ``seq_len`` the
+    longest padded row (or --max-seq-length when packing). ``limit_bytes`` replaces the measured
+    availability (tests, or a user's cap); ``headroom`` is the fraction of it the estimate may use.
+    An unknown availability never blocks. Returns the estimate when it fits.
+    """
+    a = assess(model_config, backend=backend, device=device, dtype_bytes=dtype_bytes, load_in_4bit=load_in_4bit,
+               lora_r=lora_r, targets=targets, batch_size=batch_size, seq_len=seq_len,
+               grad_checkpoint=grad_checkpoint, num_layers=num_layers, limit_bytes=limit_bytes, headroom=headroom)
+    if a.fits:
+        return a.estimate
+    problems = [f"estimate: {a.estimate.describe()}",
+                f"available: {a.where}; the estimate may use {int(headroom * 100)}% of it"]
+    problems += [f"would fit: {f}" for f in a.suggestions] or ["no single or paired change fits: choose a smaller model"]
+    raise UserError(f"training would need about {format_bytes(a.estimate.total_bytes)} but only "
+                    f"{format_bytes(a.limit)} is available", problems)

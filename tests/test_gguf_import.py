@@ -1,0 +1,255 @@
+"""GGUF import: a tiny model written as llama.cpp would round-trips to the same weights,
+config and tokenizer; crafted or broken files are refused quickly with a clear message."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBES = ["Hello world", "set a timer for 10 minutes", "0123456789 12345", "  two  spaces   three",
+          "tabs\tand\nnewlines\n\n", "emoji 😀🎉!", "中文字符 日本語", "<|im_start|>user\nhi<|im_end|>\n",
+          '{"intent": "get_weather", "slots": {}}', "don't they'll I'M", "", " "]
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_model_dir, tmp_path_factory):
+    from gguf_tiny import write_tiny_gguf
+
+    return write_tiny_gguf(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_FT_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_roundtrip_weights_config_and_files(tiny_gguf, tiny_model_dir, home):
+    from safetensors.numpy import load_file
+
+    from common.models.gguf_import import import_gguf
+
+    out = import_gguf(tiny_gguf)
+    assert out.parent == home / "models" and out.name.startswith("tiny-")
+    assert {p.name for p in out.iterdir()} == {"config.json", "generation_config.json", "model.safetensors",
+                                               "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                                               "llm_ft_import.json"}
+    original = load_file(str(tiny_model_dir / "model.safetensors"))
+    imported = load_file(str(out / "model.safetensors"))
+    assert set(imported) == set(original)
+    for name, w in original.items():  # F32 in, F32 out: Q/K un-permuted exactly
+        np.testing.assert_array_equal(imported[name], w, err_msg=name)
+    src, cfg = json.loads((tiny_model_dir / "config.json").read_text()), json.loads((out / "config.json").read_text())
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "rms_norm_eps", "vocab_size", "tie_word_embeddings", "model_type", "architectures", "head_dim",
+                "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"):
+        assert cfg[key] == src[key], key
+    assert cfg["rope_theta"] == src["rope_parameters"]["rope_theta"]
+    record = json.loads((out / "llm_ft_import.json").read_text())
+    assert record["sha256"] == hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()
+    assert record["architecture"] == "llama" and record["source"] == str(tiny_gguf.resolve())
+
+
+def test_roundtrip_tokenizer(tiny_gguf, tiny_model_dir, home):
+    from common.models import load_tokenizer
+    from common.models.gguf_import import import_gguf
+
+    out = import_gguf(tiny_gguf)
+    ours, theirs = load_tokenizer(out), load_tokenizer(tiny_model_dir)
+    for text in PROBES:
+        assert ours(text)["input_ids"] == theirs(text)["input_ids"], text
+    assert ours.chat_template == theirs.chat_template
+    assert (out / "chat_template.jinja").read_text() == theirs.chat_template
+    assert (ours.bos_token, ours.eos_token, ours.pad_token, ours.unk_token) == \
+           (theirs.bos_token, theirs.eos_token, theirs.pad_token, theirs.unk_token)
+    tcfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert tcfg["add_bos_token"] is False and tcfg["chat_template"] == theirs.chat_template
+
+
+def test_import_is_done_once_and_can_be_renamed(tiny_gguf, home):
+    from common.models.gguf_import import import_gguf
+
+    first = import_gguf(tiny_gguf)
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    t0 = time.perf_counter()
+    again = import_gguf(tiny_gguf)
+    assert again == first and (again / "model.safetensors").stat().st_mtime_ns == stamp
+    assert time.perf_counter() - t0 < 2.0
+    renamed = import_gguf(tiny_gguf, name="my model")
+    assert renamed.name.startswith("my-model-") and renamed.is_dir() and not first.exists()
+
+
+def test_quantized_tensors_dequantize_to_the_same_values_as_gguf(tiny_model_dir, tmp_path, home):
+    import gguf
+    from safetensors.numpy import load_file
+
+    from common.models.gguf_import import import_gguf
+    from gguf_tiny import permute, write_tiny_gguf
+
+    path = write_tiny_gguf(tiny_model_dir, tmp_path / "q8.gguf", quant="q8_0")
+    out = import_gguf(path)
+    original = load_file(str(tiny_model_dir / "model.safetensors"))
+    imported = load_file(str(out / "model.safetensors"))
+    name = "model.layers.1.self_attn.q_proj.weight"
+    expect = gguf.quants.dequantize(gguf.quants.quantize(permute(original[name], 4), gguf.GGMLQuantizationType.Q8_0),
+                                    gguf.GGMLQuantizationType.Q8_0)
+    np.testing.assert_array_equal(permute(imported[name], 4), expect)  # un-permuted after dequantizing
+    for key, w in original.items():
+        np.testing.assert_allclose(imported[key], w, atol=2e-3, err_msg=key)  # Q8_0: |error| <= scale/2
+
+
+def test_imported_logits_match_the_original(tiny_gguf, tiny_model_dir, home):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from common.models.gguf_import import import_gguf
+
+    out = import_gguf(tiny_gguf)
+    ids = torch.tensor([[1, 5, 9, 30, 77, 120, 3, 2]])
+    a = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    b = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_import_needs_no_torch(tiny_gguf, tmp_path):
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["torch"] = None  # as if not installed: import fails, importlib.util.find_spec gives None
+        from common.models import resolve_model
+        m = resolve_model(sys.argv[1])
+        print(m.source, m.path, sys.modules.get("torch", 0) is None)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, str(tiny_gguf)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+                                            "LLM_FT_HOME": str(tmp_path / "home")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    source, path, leaked = proc.stdout.split()
+    assert source == "gguf" and (Path(path) / "model.safetensors").exists()
+    assert leaked == "True"  # the None placeholder: nothing replaced it with the real torch
+
+
+# ---------------------------------------------------------------------------
+# bad files: each refused by the header scan, fast, naming the problem
+
+
+def _s(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _header(n_tensors: int, n_kv: int, version: int = 3) -> bytes:
+    return b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv)
+
+
+def _kv_u32(key: str, value: int) -> bytes:
+    return _s(key) + struct.pack("<II", 4, value)
+
+
+def _tensor(name: str, dims: tuple[int, ...], ggml_type: int, offset: int) -> bytes:
+    return _s(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims) + struct.pack("<IQ", ggml_type, offset)
+
+
+BAD_FILES = {
+    "wrong magic": (b"GGML" + bytes(60), "wrong magic"),
+    "old ggjt file": (b"tjgg" + bytes(60), "old GGML/GGJT"),
+    "too short": (b"GGUF\x03\x00", "only 6 bytes"),
+    "version 1": (_header(0, 0, version=1) + bytes(8), "version 1 is not supported"),
+    "huge tensor count": (_header(2**60, 0) + bytes(64), "tensor count 1152921504606846976 cannot fit"),
+    "huge kv count": (_header(0, 2**40) + bytes(64), "metadata count"),
+    "huge key length": (_header(0, 1) + struct.pack("<Q", 2**62) + bytes(64), "limit 65536"),
+    "huge string value": (_header(0, 1) + _s("general.name") + struct.pack("<IQ", 8, 2**40) + b"x" * 16,
+                          "needs 1099511627776 bytes"),
+    "huge array": (_header(0, 1) + _s("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2**50) + bytes(32),
+                   "array of 1125899906842624 items cannot fit"),
+    "truncated header": (_header(0, 2) + _kv_u32("a.b", 1) + _s("general.name")[:10], "truncated or corrupt"),
+    "unknown value type": (_header(0, 1) + _s("x") + struct.pack("<I", 99) + bytes(16), "unknown value type 99"),
+    "tensor beyond eof": (_header(1, 0) + _tensor("token_embd.weight", (8, 8), 0, 0) + bytes(64),
+                          "beyond the end of the file"),
+    "tensor rank 9": (_header(1, 0) + _tensor("t", (1,) * 9, 0, 0) + bytes(64), "rank 9"),
+    "huge dims": (_header(1, 0) + _tensor("t", (2**40, 2**40), 0, 0) + bytes(64), "larger than the file"),
+    "unknown ggml type": (_header(1, 0) + _tensor("t", (4,), 77, 0) + bytes(64), "unknown ggml type 77"),
+    "unaligned offset": (_header(1, 0) + _tensor("t", (4,), 0, 3) + bytes(64), "not aligned"),
+    "bad alignment": (_header(0, 1) + _kv_u32("general.alignment", 3) + bytes(16), "power of two"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_gguf_is_refused_quickly(case, tmp_path, home):
+    from common.models import resolve_model
+
+    data, expected = BAD_FILES[case]
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(data)
+    t0 = time.perf_counter()
+    with pytest.raises(UserError) as err:
+        resolve_model(str(path))
+    assert time.perf_counter() - t0 < 1.0
+    assert str(path) in err.value.message and expected in err.value.render(), err.value.render()
+    assert not (home / "models").exists() or not any((home / "models").glob("bad-*"))
+
+
+def test_truncated_real_file_is_refused(tiny_gguf, tmp_path, home):
+    from common.models.gguf_import import import_gguf
+
+    data = tiny_gguf.read_bytes()
+    for cut in (len(data) // 2, len(data) - 1, 200):
+        path = tmp_path / f"cut{cut}.gguf"
+        path.write_bytes(data[:cut])
+        with pytest.raises(UserError, match="truncated or corrupt|beyond the end"):
+            import_gguf(path)
+    assert not any((home / "models").glob("cut*")) if (home / "models").exists() else True
+
+
+def test_cli_import_reports_a_bad_file_without_traceback(tmp_path, home, capsys):
+    from common.models.cmd import main
+
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(b"GGML" + bytes(60))
+    assert main(["import", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "wrong magic" in err and "Traceback" not in err
+
+
+def test_unsupported_architecture_is_named(tmp_path, home):
+    import gguf
+
+    from common.models.gguf_import import import_gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "mamba.gguf"), "mamba")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UserError, match="architecture 'mamba' cannot be imported"):
+        import_gguf(tmp_path / "mamba.gguf")
+
+
+# ---------------------------------------------------------------------------
+# llama.cpp agrees (llama-cpp-python)
+
+
+@pytest.mark.llama
+def test_tiny_tokenizer_ids_equal_llama_cpp(tiny_gguf, home):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from common.models import load_tokenizer
+    from common.models.gguf_import import import_gguf
+
+    tok = load_tokenizer(import_gguf(tiny_gguf))
+    llm = llama_cpp.Llama(str(tiny_gguf), vocab_only=True, verbose=False)
+    for text in PROBES:
+        assert tok(text)["input_ids"] == llm.tokenize(text.encode(), add_bos=True, special=True), text
