@@ -179,9 +179,10 @@ def _spm_vocab(model_dir: Path, tokenizer, n_vocab: int) -> tuple[list[bytes], l
     # tokenizer.json all feed it); SentencePiece's own user-defined pieces are among them.
     added = {int(tid): {"content": tok.content, "special": tok.special}
              for tid, tok in tokenizer.added_tokens_decoder.items()}
+    keep = (int(gguf.TokenType.UNKNOWN), int(gguf.TokenType.CONTROL), int(gguf.TokenType.BYTE))
     for tid, data in added.items():
-        if tid >= size:
-            continue
+        if tid >= size or (tid < sp.vocab_size() and types[tid] in keep):
+            continue  # SentencePiece's own <unk>/<s>/</s>/byte pieces keep their types
         text = data["content"]
         if data.get("special") or looks_special(text):
             types[tid] = int(gguf.TokenType.CONTROL)
