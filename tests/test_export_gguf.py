@@ -346,3 +346,20 @@ def test_sentencepiece_tokenizer(tmp_path):
     assert result.report.passed, result.report.failures
     assert result.report.tokens["prompts_equal_with_bos"] == result.report.tokens["prompts"]
     assert result.report.logits["nmse_max"] < 1e-4
+
+
+@pytest.mark.torch
+def test_ollama_create_runs_create_then_a_smoke_prompt(models, tmp_path, monkeypatch):
+    # a stand-in 'ollama' executable that records its arguments (Ollama itself is not installable here)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.txt"
+    (bin_dir / "ollama").write_text(f'#!/bin/sh\necho "$@" >> {log}\necho ok\n')
+    (bin_dir / "ollama").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:" + __import__("os").environ["PATH"])
+    out = tmp_path / "exp" / "m.gguf"
+    run(ExportConfig(source=str(models("llama")), quant="f16", out=str(out), pre="gpt-2", verify=False,
+                     ollama_create="Tiny Test"))
+    calls = log.read_text().splitlines()
+    assert calls[0] == f"create tiny-test -f {tmp_path / 'exp' / 'Modelfile'}"
+    assert calls[1] == "run tiny-test Hello"

@@ -146,9 +146,19 @@ def test_merged_logits_match_peft(tmp_path, kind):
 
 
 @pytest.mark.torch
-def test_embedding_lora_on_tied_model_unties(tmp_path):
-    """peft applies an embedding LoRA to the input only; the merge must not leak it into lm_head."""
-    run_dir = make_run(tmp_path, targets=["q_proj", "embed_tokens"])
+@pytest.mark.parametrize("targets, modules_to_save", [(["q_proj", "embed_tokens"], None), (["v_proj"], ["lm_head"])])
+def test_tied_embeddings_changed_on_one_side_are_untied(tmp_path, targets, modules_to_save):
+    """peft applies an embedding LoRA to the input only (and a saved lm_head to the output only);
+    the merge must not leak either change into the other side of the tied pair."""
+    run_dir = make_run(tmp_path, targets=targets, modules_to_save=modules_to_save)
+    if modules_to_save:  # make the saved head differ from the embedding, as training would
+        from safetensors.numpy import load_file, save_file
+
+        path = run_dir / "adapter" / "adapter_model.safetensors"
+        tensors = load_file(path)
+        key = next(k for k in tensors if k.endswith("lm_head.weight"))
+        tensors[key] = tensors[key] * 1.5
+        save_file(tensors, path)
     out = run(MergeConfig(run=str(run_dir)))
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     want = peft_logits(tmp_path / "base", run_dir / "adapter", IDS)
