@@ -1,0 +1,182 @@
+"""GPU benchmarks of the torch backend against B0 and B1 (run on the device machine).
+
+``python3 -m bench.gpu_torch --suite 1b-bf16 --suite 1b-qlora --out $OUT``
+
+Each suite builds its random-weight model once (bench.models), measures the bf16 matmul
+ceiling, synthesises the Alpaca-like mix (bench.data), takes our loop's plan for it
+(packing), then runs every side in its own process, back to back: ours and its
+ablations, B0 and B1 fed the same examples per optimizer step. One JSON per suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import common as bc
+from bench.models import ALL_LINEAR, lora_train_flops
+
+MODELS_DIR = Path("/tmp/bench-models")
+
+# name -> model, QLoRA?, pack length, rows per step, the sides to run (key -> how)
+SUITES: dict[str, dict[str, Any]] = {
+    "1b-bf16": {"model": "llama-3.2-1b", "qlora": False, "max_len": 4096, "rows": 1,
+                "sides": ["ours", "ours_gc", "ours_grouped", "B0", "B1"]},
+    "1b-qlora": {"model": "llama-3.2-1b", "qlora": True, "max_len": 4096, "rows": 1, "sides": ["ours", "B0", "B1"]},
+    "8b-bf16": {"model": "llama-3.1-8b", "qlora": False, "max_len": 4096, "rows": 1, "sides": ["ours", "B0", "B1"]},
+    "8b-qlora": {"model": "llama-3.1-8b", "qlora": True, "max_len": 4096, "rows": 1, "sides": ["ours", "B0"]},
+    "tiny-cpu": {"model": "tiny-llama", "qlora": False, "max_len": 256, "rows": 1,
+                 "sides": ["ours", "ours_gc", "ours_grouped", "B0", "B1"]},
+}
+LOSS_RTOL = 2e-2  # bf16 on both sides, different kernels: per-step mean losses agree to well under 2%
+
+
+def side_spec(key: str, suite: dict, *, model_dir: str, plan: list, steps: int, warmup: int, device: str,
+              dtype: str, synthetic: dict, lora_r: int) -> dict[str, Any]:
+    base_cfg = dict(model=model_dir, backend="torch", device=device, dtype=dtype, lora_r=lora_r,
+                    lora_alpha=2.0 * lora_r, targets=list(ALL_LINEAR), load_in_4bit=suite["qlora"], packing=True,
+                    max_seq_length=suite["max_len"], batch_size=suite["rows"], seed=3407)
+    spec: dict[str, Any] = {"label": key, "model_dir": model_dir, "examples": {"synthetic": synthetic}, "pad_id": 0,
+                            "steps": steps, "warmup": warmup, "device": device, "dtype": dtype,
+                            "targets": list(ALL_LINEAR), "cfg": base_cfg}
+    q = " QLoRA nf4" if suite["qlora"] else ""
+    if key == "ours":
+        spec.update(kind="ours", plan=plan, label=f"ours torch{q}, packed")
+    elif key == "ours_gc":
+        spec.update(kind="ours", plan=plan, label=f"ours torch{q}, packed + grad checkpoint")
+        spec["cfg"] = {**base_cfg, "grad_checkpoint": True}
+    elif key == "ours_grouped":  # another plan: padding to the longest of length-grouped batches
+        n = max(1, round(sum(len(p) for p in plan) / len(plan)))
+        spec.update(kind="ours", label=f"ours torch{q}, length-grouped batches of {n} (no packing)")
+        spec["cfg"] = {**base_cfg, "packing": False, "group_by_length": True, "batch_size": n}
+    elif key in ("B0", "B1"):
+        spec.update(kind="hf", plan=plan, hf={"variant": key, "grad_checkpoint": key == "B0",
+                                              "load_in_4bit": suite["qlora"]})
+        spec["label"] = (f"B0 Trainer+peft{q}, pad to longest, grad ckpt" if key == "B0" else
+                         f"B1 Trainer+peft{q}, flattened, SDPA, Liger, no ckpt")
+    else:
+        raise ValueError(key)
+    return spec
+
+
+def _task(*args: str, timeout: float = 900) -> dict:
+    """Run a helper task (model build, matmul ceiling) in a child so this process never holds the GPU."""
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_torch", "--task", *args], capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"task {args[0]} failed: {proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_suite(name: str, *, out: Path, steps: int, warmup: int, n_examples: int, lora_r: int, ceiling: dict,
+              only: list[str] | None = None) -> dict:
+    from bench.data import alpaca_like, length_stats
+    from bench.models import CONFIGS, param_counts
+    from bench.ours import step_plan, train_config
+    from bench.sides import run_in_subprocess
+
+    suite = SUITES[name]
+    tiny = suite["model"].startswith("tiny")
+    device, dtype = ("cpu", "float32") if tiny else ("cuda", "bfloat16")
+    t0 = time.time()
+    model_dir = _task("build", suite["model"], str(MODELS_DIR / suite["model"]), device)["path"]
+    build_s = time.time() - t0
+    vocab = CONFIGS[suite["model"]]["vocab_size"]
+    synthetic = {"n": n_examples, "seed": 0, "vocab": vocab, "median": 200 if not tiny else 40,
+                 "max_len": 2048 if not tiny else 200}
+    examples = alpaca_like(**synthetic)
+    cfg = train_config(model=model_dir, packing=True, max_seq_length=suite["max_len"], batch_size=suite["rows"])
+    plan = step_plan(examples, cfg, 0, steps)
+    sides: dict[str, dict] = {}
+    for key in suite["sides"]:
+        if only and key not in only:
+            continue
+        spec = side_spec(key, suite, model_dir=model_dir, plan=plan, steps=steps, warmup=warmup, device=device,
+                         dtype=dtype, synthetic=synthetic, lora_r=lora_r)
+        res = run_in_subprocess(spec, timeout=1200)
+        if "error" in res and key == "B1" and not tiny:  # Liger may not fit this transformers: B1 without it
+            print(f"[{name}] B1 failed ({res['error'][-300:]}); again without Liger", flush=True)
+            spec["hf"]["liger"] = False
+            spec["label"] = spec["label"].replace("Liger", "no Liger")
+            res = run_in_subprocess(spec, timeout=1200)
+            res.setdefault("extra", {})["liger_failed"] = True
+        sides[key] = res
+        print(f"[{name}] {key}: " + (f"{res['tokens_per_s']:,.0f} tok/s, median step {res['step_time_median_s']:.3f}s, "
+                                     f"peak {bc.human_bytes(res.get('peak_memory_bytes'))}, wall {res.get('wall_s')}s"
+                                     if "error" not in res else "FAILED " + res["error"][-800:]), flush=True)
+    # MFU: the same FLOPs per step for every side fed this plan (ours_grouped has its own plan)
+    flops = [lora_train_flops(suite["model"], [len(examples[i]) for i in idx],
+                              sum(sum(examples[i].loss_mask[1:]) for i in idx), lora_r) for idx in plan]
+    for key, s in sides.items():
+        if "error" in s or key == "ours_grouped" or not ceiling.get("tflops"):
+            continue
+        w = s["warmup_steps"]
+        s["extra"]["mfu"] = sum(flops[w:]) / sum(s["step_times"][w:]) / (ceiling["tflops"] * 1e12)
+        s["extra"]["model_tflops_per_s"] = sum(flops[w:]) / sum(s["step_times"][w:]) / 1e12
+    pairs = [("ours", "B0", 2.0, 1.0, LOSS_RTOL), ("ours", "B1", 1.2, None, LOSS_RTOL),
+             ("ours", "ours_gc", None, None, LOSS_RTOL), ("ours", "ours_grouped", None, None, None)]
+    result = bc.build_result(
+        f"gpu_{name}", f"{suite['model']} random weights, {'QLoRA nf4' if suite['qlora'] else 'bf16'} LoRA r={lora_r} "
+        f"on all linear layers, Alpaca-like lengths, packed rows of {suite['max_len']} x {suite['rows']}",
+        sides, pairs, command=" ".join(sys.argv), gpu=not tiny,
+        model={"name": suite["model"], "params": param_counts(suite["model"]), "dir": model_dir,
+               "build_s": round(build_s, 1)},
+        data={"synthetic": synthetic, "lengths": length_stats(examples),
+              "plan_examples_per_step": [len(p) for p in plan]},
+        settings={"steps": steps, "warmup_steps": warmup, "lora_r": lora_r, "lora_alpha": 2.0 * lora_r,
+                  "lr": 2e-4, "schedule": "constant", "loss_rtol": LOSS_RTOL},
+        matmul_ceiling=ceiling,
+        notes=["B0 and B1 train exactly the examples of each of our optimizer steps (our packing plan); "
+               "ours_grouped follows its own plan (length-grouped batches), so it has no per-step loss check",
+               "MFU = required LoRA-training FLOPs (frozen matmuls 4/param/token, LoRA 6, lm_head on supervised "
+               "tokens only, causal attention per document) / time / the bf16 matmul ceiling measured in this run"])
+    path = bc.write_result(result, out, regenerate_md=False)
+    print(f"[{name}] wrote {path}", flush=True)
+    return result
+
+
+def task(argv: list[str]) -> None:
+    """Child tasks: ``build MODEL DIR DEVICE`` and ``ceiling``; print one JSON line."""
+    if argv[0] == "build":
+        from bench.models import build
+
+        t0 = time.time()
+        path = build(argv[1], Path(argv[2]), device=argv[3], dtype="float32" if argv[3] == "cpu" else "bfloat16")
+        print(json.dumps({"path": str(path), "s": time.time() - t0}))
+    elif argv[0] == "ceiling":
+        from bench.models import matmul_ceiling
+
+        print(json.dumps(matmul_ceiling()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", action="append", choices=sorted(SUITES), help="suites to run, in order")
+    ap.add_argument("--out", type=Path, default=bc.RESULTS_DIR, help="folder for the result JSON files")
+    ap.add_argument("--steps", type=int, default=18, help="optimizer steps per side")
+    ap.add_argument("--warmup", type=int, default=3, help="first steps left out of the rates")
+    ap.add_argument("--examples", type=int, default=3000, help="synthetic examples to draw")
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--only", action="append", help="run only these sides (ours, ours_gc, ours_grouped, B0, B1)")
+    ap.add_argument("--task", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.task:
+        task(args.task)
+        return 0
+    suites = args.suite or ["1b-bf16"]
+    ceiling = {} if all(s.startswith("tiny") for s in suites) else _task("ceiling")
+    if ceiling:
+        print(f"bf16 matmul ceiling: {ceiling['tflops']:.0f} TFLOP/s", flush=True)
+    for name in suites:
+        run_suite(name, out=args.out, steps=args.steps, warmup=args.warmup, n_examples=args.examples,
+                  lora_r=args.lora_r, ceiling=ceiling, only=args.only)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
