@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from common.errors import UserError
 
@@ -46,7 +47,7 @@ class AdapterModule:
     b: Any  # (out, r)
     magnitude: Any = None  # (out,) DoRA only
     scale: float = 1.0  # multiplies B A x
-    alpha: Optional[float] = None  # the lora_alpha that gives ``scale`` (None: derive from scale)
+    alpha: float | None = None  # the lora_alpha that gives ``scale`` (None: derive from scale)
 
     @property
     def r(self) -> int:
@@ -58,13 +59,13 @@ def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
     return float(alpha) / (math.sqrt(r) if use_rslora else r)
 
 
-def layer_index(path: str) -> Optional[int]:
+def layer_index(path: str) -> int | None:
     """The transformer block number in a module path (``model.layers.3.mlp.up_proj`` -> 3)."""
     m = _LAYER_RE.search("." + path + ".")
     return int(m.group(1)) if m else None
 
 
-def peft_targets(paths: list[str]) -> tuple[list[str], Optional[list[int]]]:
+def peft_targets(paths: list[str]) -> tuple[list[str], list[int] | None]:
     """``target_modules`` (and ``layers_to_transform``) that make PEFT adapt exactly ``paths``.
 
     Leaf names plus a layer list when the adapted set is leaf names x layers (the usual
@@ -122,7 +123,7 @@ def modules_from_peft(tensors: Mapping[str, Any], config: dict, source: str) -> 
 
 
 def _assemble(parts: dict[str, dict[str, Any]], problems: list[str], config: dict, source: str,
-              scale: Optional[float] = None) -> dict[str, AdapterModule]:
+              scale: float | None = None) -> dict[str, AdapterModule]:
     modules: dict[str, AdapterModule] = {}
     for path, p in sorted(parts.items()):
         if "a" not in p or "b" not in p:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,8 +20,9 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_reduce
 
 from common.errors import UserError
 from common.io import atomic_path, write_json
-from common.train.backend import Batch, BackendInfo, StepStats
-from mlx_ft import lora, model as mlxm, peft_format
+from common.train.backend import BackendInfo, Batch, StepStats
+from mlx_ft import lora, peft_format
+from mlx_ft import model as mlxm
 
 OPTIMIZER_FILE = "mlx_optimizer.safetensors"
 RNG_FILE = "mlx_rng.json"
@@ -49,7 +50,7 @@ def _mix(seed: int, n: int) -> int:
     return z ^ (z >> 31)
 
 
-def _loss(model: nn.Module, inputs: mx.array, targets: mx.array, weights: mx.array, segments: Optional[mx.array],
+def _loss(model: nn.Module, inputs: mx.array, targets: mx.array, weights: mx.array, segments: mx.array | None,
           scale: mx.array) -> tuple[mx.array, mx.array]:
     """(scale * loss sum, loss sum): fp32 cross-entropy of the weighted targets."""
     cache = None
@@ -65,8 +66,8 @@ class MLXBackend:
 
     def __init__(self, compile: bool = True) -> None:
         self.compile = compile  # mx.compile the step functions (tests compare both ways)
-        self.model: Optional[nn.Module] = None
-        self.received: Optional[dict[str, mx.array]] = None  # the last batch's arrays (tests read them)
+        self.model: nn.Module | None = None
+        self.received: dict[str, mx.array] | None = None  # the last batch's arrays (tests read them)
 
     # -- setup -------------------------------------------------------------------
 
@@ -274,7 +275,7 @@ class MLXBackend:
         self._grads = None
         self._build_steps()
 
-    def peak_memory(self) -> Optional[int]:
+    def peak_memory(self) -> int | None:
         peak = int(mx.get_peak_memory())
         return peak or None
 

@@ -14,7 +14,7 @@ from common.adapters import PEFT_CONFIG, PEFT_WEIGHTS, convert_mlx_lm_adapter, r
 HELP = "convert an mlx-lm LoRA/DoRA adapter (adapters.safetensors) into a PEFT adapter"
 
 
-def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``import-adapter`` subcommand to ``llm-ft models``' subparsers."""
     p = sub.add_parser("import-adapter", help=HELP, description=HELP + ". The PEFT adapter "
                        "(adapter_model.safetensors + adapter_config.json) is what merge, export, eval and chat read; "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -63,12 +62,12 @@ class LoraSpec:
     alpha: float = 32.0
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    num_layers: Optional[int] = None  # last N blocks; None = all
+    num_layers: int | None = None  # last N blocks; None = all
     use_dora: bool = False
     use_rslora: bool = False
 
     @classmethod
-    def from_config(cls, cfg) -> "LoraSpec":
+    def from_config(cls, cfg) -> LoraSpec:
         return cls(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, list(cfg.targets), cfg.num_layers,
                    cfg.use_dora, cfg.use_rslora)
 
@@ -79,7 +78,7 @@ def block_paths(model: nn.Module) -> list[str]:
     return [names[id(b)] for b in model.layers]
 
 
-def candidate_linears(model: nn.Module, targets: list[str], num_layers: Optional[int]) -> tuple[dict[str, nn.Module], list[str]]:
+def candidate_linears(model: nn.Module, targets: list[str], num_layers: int | None) -> tuple[dict[str, nn.Module], list[str]]:
     """Linear layers inside the selected blocks whose leaf name is a target.
 
     Returns (path -> module, targets the architecture lacks). 'all-linear' selects every
@@ -102,8 +101,8 @@ def candidate_linears(model: nn.Module, targets: list[str], num_layers: Optional
     return found, missing
 
 
-def make_layer(base: nn.Module, r: int, alpha: Optional[float], dropout: float, use_dora: bool, use_rslora: bool,
-               scale: Optional[float] = None) -> nn.Module:
+def make_layer(base: nn.Module, r: int, alpha: float | None, dropout: float, use_dora: bool, use_rslora: bool,
+               scale: float | None = None) -> nn.Module:
     """Wrap one linear (or quantized linear) layer; A drawn from the global MLX key."""
     out_dims, in_dims = base.weight.shape
     if isinstance(base, nn.QuantizedLinear):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -106,7 +106,7 @@ class SegmentMask:
     def __init__(self, segment_ids: mx.array):
         self.segment_ids = segment_ids  # (B, L) int32
 
-    def make_mask(self, n: int, return_array: bool = False, window_size: Optional[int] = None) -> mx.array:
+    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None) -> mx.array:
         seg = self.segment_ids
         idx = mx.arange(n)
         mask = (idx[:, None] >= idx[None, :])[None] & (seg[:, :, None] == seg[:, None, :])
@@ -169,7 +169,7 @@ def is_packed(batch: Batch) -> bool:
 
 def check_positions(batch: Batch) -> None:
     """Packed rows must use per-segment positions: that is what the segment mask reproduces."""
-    for r, (segs, pos) in enumerate(zip(batch.segment_ids, batch.position_ids)):
+    for r, (segs, pos) in enumerate(zip(batch.segment_ids, batch.position_ids, strict=True)):
         n = sum(1 for s in segs if s > 0)
         if list(pos[:n]) != expected_positions(segs)[:n]:
             raise AssertionError(f"row {r}: position_ids do not restart at each segment")

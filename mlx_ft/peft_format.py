@@ -14,8 +14,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from common.adapters import (AdapterModule, config_for_modules, peft_config, peft_tensors, read_peft_adapter,
-                             write_peft_adapter)
+from common.adapters import (
+    AdapterModule,
+    config_for_modules,
+    peft_config,
+    peft_tensors,
+    read_peft_adapter,
+    write_peft_adapter,
+)
 from common.errors import UserError
 from mlx_ft.lora import DoRALinear, attach_modules, detach, lora_layers
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_mlx_support import adapter_arrays, batches, examples, mlx_backend, randomize_b
 
 from common.errors import UserError
-from common.rows import Example
 from common.train.batching import make_batch
-from test_mlx_support import adapter_arrays, batches, examples, mlx_backend, randomize_b
 
 pytestmark = pytest.mark.mlx
 mx = pytest.importorskip("mlx.core")
@@ -34,9 +33,10 @@ def run_steps(backend, micro, steps: int, lr: float = 1e-2) -> list[float]:
 
 
 def test_the_lists_from_prompts_reach_mlx_unchanged(tiny_model_dir):
+    from transformers import AutoTokenizer
+
     from common.prompts import ChatFormatter
     from common.rows import Conversation
-    from transformers import AutoTokenizer
 
     fmt = ChatFormatter(AutoTokenizer.from_pretrained(str(tiny_model_dir)), system_prompt="You are an intent classifier.")
     rows = [Conversation([{"role": "user", "content": "play some jazz"},

@@ -11,7 +11,6 @@ import json
 
 import numpy as np
 import pytest
-
 from test_mlx_support import batches, examples, mlx_backend, randomize_b, torch_peft_logits, train_config
 
 pytestmark = [pytest.mark.mlx, pytest.mark.torch]
