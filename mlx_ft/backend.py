@@ -73,8 +73,7 @@ class MLXBackend:
 
     def setup(self, model_dir: Path, cfg: Any, pad_id: int) -> BackendInfo:
         notes: list[str] = []
-        if getattr(cfg, "device", None) == "cpu":
-            mx.set_default_device(mx.cpu)
+        mlxm.select_device(getattr(cfg, "device", None))
         self.pad_id = pad_id
         self.seed = int(cfg.seed)
         self.draws = 0  # micro-batches run so far: the dropout RNG position

@@ -24,6 +24,22 @@ def device_name() -> str:
     return "cpu"
 
 
+def select_device(name: str | None) -> None:
+    """Honour --device: cpu, or gpu (also spelt cuda/mps/metal); None keeps MLX's default (the GPU when present)."""
+    if name is None:
+        return
+    kind = name.split(":")[0].lower()
+    if kind == "cpu":
+        mx.set_default_device(mx.cpu)
+    elif kind in ("gpu", "cuda", "mps", "metal"):
+        if not mx.is_available(mx.gpu):
+            raise UserError(f"--device {name}: this MLX build has no GPU (install mlx with Metal or mlx[cuda], "
+                            "or use --device cpu)")
+        mx.set_default_device(mx.gpu)
+    else:
+        raise UserError(f"--device {name}: MLX knows cpu and gpu")
+
+
 def resolve_dtype(name: str) -> mx.Dtype:
     """auto = fp32 on the CPU, bf16 on a GPU (Metal and CUDA both support it)."""
     if name == "auto":

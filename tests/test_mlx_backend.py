@@ -237,3 +237,12 @@ def test_bad_model_dir_is_a_user_error(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "no-such-arch"}')
     with pytest.raises(UserError, match="mlx-lm cannot load"):
         mlx_backend(tmp_path)
+
+
+def test_device_flag(tiny_model_dir):
+    if mx.is_available(mx.gpu):
+        pytest.skip("this MLX has a GPU")
+    with pytest.raises(UserError, match="has no GPU"):
+        mlx_backend(tiny_model_dir, device="cuda")
+    with pytest.raises(UserError, match="MLX knows cpu and gpu"):
+        mlx_backend(tiny_model_dir, device="tpu")
