@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.config import opt, register
 from common.errors import UserError
 
 PEFT_PREFIX = "base_model.model."
@@ -305,3 +306,27 @@ def convert_mlx_lm_adapter(src_dir: str | Path, out_dir: str | Path | None = Non
     peft_cfg = config_for_modules(modules, lora_dropout=dropout, base_model=base)
     return write_peft_adapter(out, peft_tensors(modules), peft_cfg, metadata={"converted_from": "mlx-lm"},
                               whole_dir=True)
+
+
+@register
+@dataclass
+class ModelsImportAdapterConfig:
+    """``llm-ft models import-adapter``: an mlx-lm adapter directory -> a PEFT adapter."""
+
+    dir: str = opt(help="mlx-lm adapter directory (adapters.safetensors + adapter_config.json)", positional=True)
+    out: str | None = opt(None, "output directory (default: DIR-peft beside DIR)")
+    base_model: str | None = opt(None, "base_model_name_or_path to record (default: the 'model' the adapter "
+                                    "was trained on, from its adapter_config.json)")
+
+
+IMPORT_ADAPTER_HELP = ("convert an mlx-lm LoRA/DoRA adapter (adapters.safetensors) into a PEFT adapter, "
+                       "the format merge, export, eval and chat read (lora_alpha = scale * r)")
+
+
+def run_import_adapter(cfg: ModelsImportAdapterConfig) -> int:
+    """Convert ``cfg.dir``; print what was written."""
+    out = convert_mlx_lm_adapter(cfg.dir, cfg.out, base_model=cfg.base_model)
+    c = read_json(out / PEFT_CONFIG)
+    print(f"wrote PEFT adapter {out}/ ({PEFT_WEIGHTS}, {PEFT_CONFIG}): r={c['r']} lora_alpha={c['lora_alpha']:g} "
+          f"use_dora={c['use_dora']} targets={','.join(c['target_modules'])}")
+    return 0

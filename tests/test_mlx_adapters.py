@@ -90,18 +90,21 @@ def test_converted_adapter_loads_into_the_mlx_backend(tiny_model_dir, tmp_path):
 
 
 def test_import_adapter_command(tiny_model_dir, tmp_path, capsys):
-    from mlx_ft.import_adapter import add_parser, main_import_adapter
+    from common.cli import main
+    from mlx_ft.import_adapter import main_import_adapter
 
     src = tmp_path / "a"
     make_mlx_lm_adapter(tiny_model_dir, src, dora=False)
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
-    args = parser.parse_args(["import-adapter", str(src)])
-    assert args.func is main_import_adapter
-    assert main_import_adapter(args) == 0
+    assert main(["models", "import-adapter", str(src)]) == 0
     assert sorted(p.name for p in (tmp_path / "a-peft").iterdir()) == ["adapter_config.json",
                                                                        "adapter_model.safetensors"]
     assert "lora_alpha=40" in capsys.readouterr().out
+    assert main_import_adapter(argparse.Namespace(dir=src, out=tmp_path / "b", base_model="x")) == 0
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["base_model_name_or_path"] == "x"
+    # a user error: one message, exit status 2, no traceback
+    assert main(["models", "import-adapter", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "not a directory" in err and "Traceback" not in err
 
 
 def test_import_adapter_rejects_what_is_not_an_mlx_lm_adapter(tmp_path):

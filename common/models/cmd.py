@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from common import config
+from common.adapters import IMPORT_ADAPTER_HELP, ModelsImportAdapterConfig, run_import_adapter
 from common.config import opt, register
 from common.options import DEFAULT_TARGETS
 
@@ -165,6 +166,7 @@ ACTIONS: dict[str, tuple[type, Callable[[Any], int], str]] = {
     "import": (ModelsImportConfig, run_import, "import a .gguf file as a Hugging Face directory (done once per file)"),
     "info": (ModelsInfoConfig, run_info, "architecture, size, tokenizer, chat template, GGUF export support "
                                          "and a training memory estimate"),
+    "import-adapter": (ModelsImportAdapterConfig, run_import_adapter, IMPORT_ADAPTER_HELP),
 }
 
 
