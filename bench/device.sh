@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Driver for the device machine (the `device` tool runs it in the repo root): install the
+# carried wheels, then run one stage, logging under $OUT. Usage: bash bench/device.sh STAGE
+#   torch1  1B bf16 + 1B QLoRA suites, then the `llm-ft train` proof runs   (carry .whl .whl_small .mlxa .benchtok)
+#   mlx     MLX-CUDA vs mlx_lm.lora (+ torch)                               (carry .mlxb .whl_small; after torch1, warm)
+#   torch8  8B bf16 + 8B QLoRA suites                                       (carry .whl .whl_small)
+#   longest 8B QLoRA longest batch-1 sequence, ours vs B0                   (carry .whl .whl_small)
+set -o pipefail
+stage=${1:?stage}
+OUT=${OUT:-/tmp/out}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+mkdir -p /tmp/site "$OUT"
+install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$@"; }
+for d in .whl .whl_small; do
+  if compgen -G "$d/*.whl" >/dev/null; then install "$d"/*.whl || exit 1; fi
+done
+if compgen -G ".mlxa/*" >/dev/null; then cp .mlxa/* /root/; fi  # first half of mlx-cuda, for the next call
+if [ -f .mlxb/mlxc.tar.xz.rest ]; then
+  [ -f /root/mlxc.tar.xz.00 ] || { echo "mlx-cuda first half missing: the machine went cold between calls"; exit 3; }
+  cat /root/mlxc.tar.xz.00 .mlxb/mlxc.tar.xz.rest | xz -dc | tar xf - -C /tmp/site || exit 1
+  install .mlxb/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+log="$OUT/log_$stage.txt"
+case $stage in
+  torch1)
+    python3 -m bench.gpu_torch --suite 1b-bf16 --suite 1b-qlora --out "$OUT" 2>&1 | tee "$log"
+    python3 -m bench.gpu_proof --tokenizer .benchtok --out "$OUT" 2>&1 | tee -a "$log" ;;
+  mlx)
+    python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())" 2>&1 | tee "$log"
+    python3 -m bench.gpu_mlx --out "$OUT" 2>&1 | tee -a "$log" ;;
+  torch8)
+    python3 -m bench.gpu_torch --suite 8b-bf16 --suite 8b-qlora --steps 12 --warmup 2 --out "$OUT" 2>&1 | tee "$log" ;;
+  longest)
+    python3 -m bench.gpu_longest --model llama-3.1-8b --out "$OUT" 2>&1 | tee "$log" ;;
+  *) echo "unknown stage $stage"; exit 2 ;;
+esac
