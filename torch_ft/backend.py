@@ -52,6 +52,8 @@ class TorchBackend:
         trainable = sum(p.numel() for p in self.params)
         total = sum(p.numel() for p in self.model.parameters())
         notes = [f"torch {torch.__version__}: {self.prec.description}, attention {self.attn_impl}"] + notes
+        if self.prec.kind == "cpu" and (busy := devices.busy_cpu_note(torch.get_num_threads())):
+            notes.append(busy)
         if cfg.load_in_4bit:
             notes.append("QLoRA: nf4 base with double quantisation, "
                          f"{self.prec.dtype_name} compute")
