@@ -55,7 +55,7 @@ def _loss(model: nn.Module, inputs: mx.array, targets: mx.array, weights: mx.arr
     """(scale * loss sum, loss sum): fp32 cross-entropy of the weighted targets."""
     cache = None
     if segments is not None:
-        cache = [mlxm.SegmentMask(segments)] * len(model.layers)
+        cache = [mlxm.SegmentMask.for_model(model, segments)] * len(model.layers)
     logits = model(inputs, cache=cache).astype(mx.float32)
     total = (nn.losses.cross_entropy(logits, targets, reduction="none") * weights).sum()
     return total * scale, total

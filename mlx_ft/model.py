@@ -14,6 +14,7 @@ import mlx.nn as nn
 from common.errors import UserError
 from common.train.backend import Batch
 
+GROUPED_MASK_MODELS = ("gemma2", "gear")  # mlx-lm modules whose attention masks 5-D grouped scores
 QUANT_GROUP = 64  # MLX's default group size: 64 input features share one scale and bias
 
 
@@ -119,8 +120,17 @@ class SegmentMask:
 
     offset = 0
 
-    def __init__(self, segment_ids: mx.array):
+    def __init__(self, segment_ids: mx.array, grouped_heads: bool = False):
         self.segment_ids = segment_ids  # (B, L) int32
+        self.grouped_heads = grouped_heads  # scores shaped (B, kv_heads, repeats, L, L): one more axis
+
+    @classmethod
+    def for_model(cls, model: nn.Module, segment_ids: mx.array) -> SegmentMask:
+        """The mask for ``model``'s attention: mlx-lm's gemma2 (and gear) reshape grouped queries
+        to (B, kv_heads, repeats, L, D) before applying the mask, the others do not."""
+        attn = getattr(model.layers[0], "self_attn", None)
+        grouped = getattr(attn, "repeats", 1) > 1 and type(attn).__module__.rsplit(".", 1)[-1] in GROUPED_MASK_MODELS
+        return cls(segment_ids, grouped)
 
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None) -> mx.array:
         seg = self.segment_ids
@@ -128,6 +138,8 @@ class SegmentMask:
         mask = (idx[:, None] >= idx[None, :])[None] & (seg[:, :, None] == seg[:, None, :])
         if window_size is not None:
             mask = mask & (idx[:, None] < idx[None, :] + window_size)[None]
+        if self.grouped_heads:
+            return mask[:, None, None]  # (B, 1, 1, L, L)
         return mask[:, None]  # (B, 1, L, L): broadcast over heads
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
