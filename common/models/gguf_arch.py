@@ -54,7 +54,8 @@ def tensor_names(arch: str, n_layers: int) -> dict[str, str]:
     out: dict[str, str] = {}
     for hf in hf_names:
         gg = tmap.get_name(hf)
-        assert gg is not None, f"gguf has no name for {hf} in {arch}"
+        if gg is None:  # a tensor this architecture lacks in llama.cpp (gemma2 has no output.weight)
+            continue
         for suffix in (".weight", ".bias"):
             out[gg + suffix] = hf + suffix
     return out
@@ -199,8 +200,11 @@ def build_config(arch: str, meta: dict[str, Any], tensors: dict[str, tuple[int, 
                        rope_local_base_freq=10000.0,  # llama.cpp's fixed base for Gemma 3's sliding layers
                        sliding_window_pattern=6, final_logit_softcapping=None, attn_logit_softcapping=None)
     elif arch == "phi3":
+        window = m.get(A.SLIDING_WINDOW)
         cfg.update(architectures=["Phi3ForCausalLM"], model_type="phi3", hidden_act="silu",
-                   sliding_window=m.get(A.SLIDING_WINDOW))
+                   sliding_window=int(window) if window else None)  # 0 means none
+        if orig_ctx:
+            cfg["original_max_position_embeddings"] = int(orig_ctx)
         rot = m.get(R.DIMENSION_COUNT)
         if rot and int(rot) != head_dim:
             cfg["partial_rotary_factor"] = int(rot) / head_dim
