@@ -278,3 +278,73 @@ def test_every_supported_architecture_round_trips_through_our_exporter(arch, tmp
     a, b = load_tokenizer(imported), load_tokenizer(src)
     for text in PROBES:
         assert a(text)["input_ids"] == b(text)["input_ids"], text
+
+
+def _tiny_sentencepiece():
+    """A SentencePiece BPE vocabulary (byte fallback, split digits) trained on the tiny corpus."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    from tiny import CORPUS
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS * 20), model_writer=buf, vocab_size=500,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, split_digits=True,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+                                   user_defined_symbols=["<|im_start|>", "<|im_end|>"])
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+
+    def kind(i: int) -> int:  # llama.cpp's token types
+        return (2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else
+                4 if sp.id_to_piece(i).startswith("<|") else 1)
+
+    n = sp.get_piece_size()
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+            "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)],
+            "tokenizer.ggml.token_type": [kind(i) for i in range(n)],
+            "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
+    return sp, meta
+
+
+def test_sentencepiece_vocabulary_tokenizes_like_sentencepiece():
+    from common.models.gguf_tokenizer import build_tokenizer
+
+    sp, meta = _tiny_sentencepiece()
+    tok, kind = build_tokenizer(meta)
+    assert kind.startswith("SentencePiece") and tok.add_bos_token and tok.bos_token == "<s>"
+    # texts without whitespace runs, tabs or newlines: sentencepiece's own normalizer (which llama.cpp
+    # does not apply) leaves them alone
+    for text in ["Hello world", "set a timer for 10 minutes", "emoji 😀 and 中文", "x", "remind me at 5pm!"]:
+        assert tok(text)["input_ids"] == [1] + sp.encode(text), text
+    assert tok.decode(tok("set a timer for 10 minutes")["input_ids"], skip_special_tokens=True) == \
+        "set a timer for 10 minutes"
+
+
+@pytest.mark.llama
+def test_sentencepiece_vocabulary_tokenizes_like_llama_cpp(tmp_path):
+    import gguf
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from common.models.gguf_tokenizer import build_tokenizer
+
+    _, meta = _tiny_sentencepiece()
+    w = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), "llama")
+    for add, value in [(w.add_block_count, 1), (w.add_context_length, 64), (w.add_embedding_length, 64),
+                       (w.add_feed_forward_length, 128), (w.add_head_count, 4), (w.add_head_count_kv, 4),
+                       (w.add_rope_dimension_count, 16), (w.add_layer_norm_rms_eps, 1e-6)]:
+        add(value)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(meta["tokenizer.ggml.tokens"])
+    w.add_token_scores(meta["tokenizer.ggml.scores"])
+    w.add_token_types(meta["tokenizer.ggml.token_type"])
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tok, _ = build_tokenizer(meta)
+    llm = llama_cpp.Llama(str(tmp_path / "spm.gguf"), vocab_only=True, verbose=False)
+    for text in PROBES + [" leading", "  two  spaces", "<|im_start|>user\nhi<|im_end|>"]:
+        assert tok(text)["input_ids"] == llm.tokenize(text.encode(), add_bos=True, special=True), text

@@ -278,3 +278,12 @@ def test_models_without_action_prints_help(capsys):
 
     assert main([]) == 2
     assert "import" in capsys.readouterr().out
+
+
+def test_remote_file_list_with_only_pickles_is_refused_before_download():
+    from common.models.safety import check_weight_files
+
+    check_weight_files(["config.json", "model.safetensors", "pytorch_model.bin"], "model org/x")  # both: fine
+    with pytest.raises(UserError, match=r"only pickle weights \(pytorch_model-00001-of-00002.bin"):
+        check_weight_files(["config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"],
+                           "model org/x")

@@ -8,8 +8,11 @@ tokenizes exactly as llama.cpp does:
   ``tokenizer.ggml.pre``, llama.cpp's name for the split rules (``smollm`` splits every
   digit on its own, as SmolLM2's original tokenizer does; ``llama-bpe`` and ``qwen2``
   use their own regexes). An unknown ``pre`` is an error, not a silent guess.
-- ``llama`` (SentencePiece BPE, best effort): merges recovered from the scores,
-  byte fallback, ``▁`` for spaces and a prefix space as llama.cpp adds it.
+- ``llama`` (SentencePiece BPE): merges recovered from the scores (a pair merges with
+  the score of the piece it makes), byte fallback, ``▁`` for spaces and a prefix space
+  after each special token as llama.cpp adds it; checked against llama.cpp on a trained
+  SentencePiece vocabulary (tests/test_gguf_import.py). Gemma's vocabularies, whose scores
+  do not follow merge order, are best effort.
 
 Token types (llama.cpp's): 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused,
 6 byte. Control and unknown tokens become special added tokens, user-defined ones plain
