@@ -258,6 +258,7 @@ def test_tiny_tokenizer_ids_equal_llama_cpp(tiny_gguf, home):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
 def test_every_supported_architecture_round_trips_through_our_exporter(arch, tmp_path, home):
     """HF -> GGUF (llm-ft export, F32) -> HF (import): identical logits and token ids."""
+    # regression: gemma2 failed (llama.cpp has no output tensor for it); phi3's sliding_window 0 became a 0 window
     torch = pytest.importorskip("torch")
     from tiny import make_model
     from transformers import AutoModelForCausalLM

@@ -69,6 +69,12 @@ def test_each_lever_lowers_its_part():
     assert mlx4.parts["weights"] < nf4.parts["weights"]  # MLX quantizes the (large) embedding too
 
 
+def test_mlx_quantized_checkpoint_counts_packed_weights():
+    q4 = {**SMOLLM2, "quantization": {"group_size": 64, "bits": 4}}
+    packed = memory.estimate_training_memory(q4, **{**BASE, "backend": "mlx", "dtype_bytes": 2})
+    assert packed.parts["weights"] == est(backend="mlx", dtype_bytes=2, load_in_4bit=True).parts["weights"]
+
+
 def test_parameter_count_matches_safetensors_for_each_family(tmp_path):
     pytest.importorskip("torch")
     from tiny import make_model

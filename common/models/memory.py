@@ -151,7 +151,12 @@ def estimate_training_memory(model_config: dict[str, Any], *, backend: str, dtyp
     linears = s.linears()
     linear_params = s.layers * sum(a * b for a, b in linears.values())
     other_params = s.parameter_count() - linear_params
-    if load_in_4bit:
+    prequant = model_config.get("quantization") or {}  # an MLX-quantized checkpoint (mlx-community/...-4bit)
+    if prequant.get("bits"):
+        per = prequant["bits"] / 8 + 4 / int(prequant.get("group_size", 64))  # + fp16 scale and bias per group
+        embed = s.vocab * s.hidden * (1 if s.tied else 2)
+        weights = (linear_params + embed) * per + (other_params - embed) * dtype_bytes
+    elif load_in_4bit:
         per = MLX_Q4_BYTES if backend == "mlx" else NF4_BYTES
         embed = s.vocab * s.hidden * (1 if s.tied else 2)
         quantized = linear_params + (embed if backend == "mlx" else 0)
