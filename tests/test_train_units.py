@@ -27,7 +27,7 @@ def test_schedule_warmup_then_linear_to_zero():
     lrs = [lr_at(s, peak=1.0, warmup=4, total=14, kind="linear") for s in range(14)]
     assert lrs[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
     assert lrs[4] == 1.0 and lrs[-1] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
 
 
 def test_schedule_cosine_and_constant():

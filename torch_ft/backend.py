@@ -9,12 +9,12 @@ import copy
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from common.errors import UserError
-from common.train.backend import Batch, BackendInfo, StepStats
+from common.train.backend import BackendInfo, Batch, StepStats
 from torch_ft import device as devices
 from torch_ft import state as states
 from torch_ft.loss import model_inputs, supervised_loss
@@ -193,5 +193,5 @@ class TorchBackend:
         states.load_optimizer(self.optimizer, self.scaler, in_dir, allow_partial)
         states.load_rng(in_dir)
 
-    def peak_memory(self) -> Optional[int]:
+    def peak_memory(self) -> int | None:
         return devices.peak_memory(self.prec) if self.prec is not None else None

@@ -11,7 +11,7 @@ import importlib
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass
@@ -107,7 +107,7 @@ class Backend(Protocol):
         """Restore what :meth:`save_state` wrote (after :meth:`load_adapter`). Missing
         optimizer state raises UserError unless ``allow_partial`` (then it starts fresh)."""
 
-    def peak_memory(self) -> Optional[int]:
+    def peak_memory(self) -> int | None:
         """Peak memory in bytes since setup (device memory on GPUs), or None if unknown."""
 
 

@@ -9,8 +9,8 @@ that plan, which is what a checkpoint stores.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -48,7 +48,7 @@ def make_batch(examples: Sequence[Sequence[Example]], pad_id: int) -> Batch:
     width = max((len(r) for r in rows_ids), default=0)
     n_tokens = sum(len(r) for r in rows_ids)
     n_supervised = sum(sum(m) for m in rows_mask)
-    for ids, mask, seg, pos in zip(rows_ids, rows_mask, rows_seg, rows_pos):
+    for ids, mask, seg, pos in zip(rows_ids, rows_mask, rows_seg, rows_pos, strict=True):
         pad = width - len(ids)
         start = pos[-1] + 1 if pos else 0
         ids += [pad_id] * pad

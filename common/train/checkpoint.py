@@ -19,8 +19,9 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from common.errors import UserError
 from common.io import atomic_dir

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from common import config
 from common.command import main_for, make_parser
@@ -47,7 +48,7 @@ class Prepared:
     run_dir: Path
     resolved: Any  # common.models.ResolvedModel
     tokenizer: Any
-    system_prompt: Optional[str]
+    system_prompt: str | None
     fingerprint: dict[str, Any]
     data: Any  # common.train.loop.TrainData
 
@@ -114,7 +115,7 @@ def prepare(cfg: TrainConfig, console) -> Prepared:
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def _device_and_dtype_bytes(cfg: TrainConfig, backend: str) -> tuple[Optional[str], int]:
+def _device_and_dtype_bytes(cfg: TrainConfig, backend: str) -> tuple[str | None, int]:
     """The device training will use and its bytes per weight, before the backend loads anything.
 
     Mirrors the backends' own choice (torch_ft.device.choose, mlx_ft.model.resolve_dtype).
@@ -237,7 +238,7 @@ def _report(console, run_dir: Path, s: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    def print_config(args, cfg) -> Optional[int]:
+    def print_config(args, cfg) -> int | None:
         if args.print_config:
             print(config.to_yaml(cfg), end="")
             return 0

@@ -13,9 +13,10 @@ import math
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +38,7 @@ class Sample:
     """A validation prompt to answer greedily at each evaluation."""
 
     prompt_ids: list[int]
-    expected: Optional[str]
+    expected: str | None
     max_new_tokens: int = 64
     prompt_text: str = ""
 
@@ -61,10 +62,10 @@ class LoopState:
     index: int = 0  # next micro-batch of the epoch's plan
     tokens: int = 0  # real tokens trained on
     train_time_s: float = 0.0  # time in optimizer steps (excludes eval and checkpoints)
-    best_eval_loss: Optional[float] = None
-    best_step: Optional[int] = None
-    last_eval_loss: Optional[float] = None
-    last_eval_step: Optional[int] = None
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    last_eval_loss: float | None = None
+    last_eval_step: int | None = None
     evals_without_improvement: int = 0
     nonfinite_steps: int = 0
     python_rng: Any = None
@@ -91,7 +92,7 @@ class Interrupt:
         self.requested = False
         self._old = None
 
-    def __enter__(self) -> "Interrupt":
+    def __enter__(self) -> Interrupt:
         try:
             self._old = signal.signal(signal.SIGINT, self._handle)
         except ValueError:  # not the main thread (tests may run us in a thread)
@@ -126,7 +127,7 @@ class Trainer:
             self.total_steps = cfg.max_steps
         else:
             self.total_steps = max(1, math.ceil(self.stream.micro_batches_for(cfg.epochs) / cfg.grad_accum))
-        self.last_checkpoint: Optional[Path] = None
+        self.last_checkpoint: Path | None = None
         self.stop_reason = "completed"
 
     # -- resume ------------------------------------------------------------------
@@ -144,7 +145,7 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------
 
-    def evaluate(self) -> Optional[float]:
+    def evaluate(self) -> float | None:
         if not self.data.valid:
             return None
         plan = eval_plan([len(e) for e in self.data.valid], batch_size=self.cfg.batch_size,
@@ -217,8 +218,11 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------
 
-    def train_step(self) -> tuple[float, Any, list[int]]:
-        """One optimizer step; returns (mean token loss, StepStats, example indices)."""
+    def train_step(self) -> tuple[float | None, Any, list[int], float]:
+        """One optimizer step; returns (mean token loss, StepStats, example indices, lr).
+
+        The loss is None for a step without a single target token (nothing to learn: skipped).
+        """
         cfg, s = self.cfg, self.state
         micro = [self.stream.next() for _ in range(cfg.grad_accum)]
         total = sum(b.n_supervised for b, _ in micro)
@@ -233,7 +237,7 @@ class Trainer:
         stats = self.backend.optimizer_step(lr, cfg.max_grad_norm, skip=total == 0 or not finite)
         s.tokens += sum(b.n_tokens for b, _ in micro)
         s.step += 1
-        return (loss_sum / total if total else float("nan")), stats, [i for _, idx in micro for i in idx], lr
+        return (loss_sum / total if total else None), stats, [i for _, idx in micro for i in idx], lr
 
     def handle_nonfinite(self, loss: float, stats, indices: list[int], progress: TrainProgress) -> None:
         s = self.state
@@ -250,7 +254,7 @@ class Trainer:
                             ["lower --lr, check the data, or use --nonfinite skip"])
         progress.print(f"[yellow]step {s.step}: non-finite {what}, step skipped{where}[/]")
 
-    def fit(self, resume: Optional[Path] = None) -> dict[str, Any]:
+    def fit(self, resume: Path | None = None) -> dict[str, Any]:
         if resume is not None:
             self.restore(resume)  # replaces self.state: bind it only afterwards
         cfg, s = self.cfg, self.state
@@ -261,13 +265,15 @@ class Trainer:
                 loss, stats, indices, lr = self.train_step()
                 s.train_time_s += time.perf_counter() - t0
                 tps = s.tokens / s.train_time_s if s.train_time_s > 0 else 0.0
-                if not stats.finite or not math.isfinite(loss):
+                if loss is None:
+                    self.log.log("empty", s.step, note="no target tokens in this step; skipped")
+                elif not stats.finite or not math.isfinite(loss):
                     self.handle_nonfinite(loss, stats, indices, progress)
                 elif s.step % cfg.log_every == 0 or s.step == self.total_steps:
                     self.log.log("train", s.step, loss=loss, lr=lr, grad_norm=stats.grad_norm, tokens=s.tokens,
                                  tokens_per_s=round(tps, 1), skipped=stats.skipped,
                                  epoch=round(self.epoch_progress(), 4))
-                progress.update(s.step, loss=loss if math.isfinite(loss) else None, lr=lr, tokens_per_s=tps,
+                progress.update(s.step, loss=loss if loss is not None and math.isfinite(loss) else None, lr=lr, tokens_per_s=tps,
                                 peak_memory=self.backend.peak_memory())
                 if cfg.eval_every and s.step % cfg.eval_every == 0 and s.step < self.total_steps:
                     self.eval_and_keep_best(progress)

@@ -34,9 +34,9 @@ def plot_loss(metrics_file: Path, out_png: Path, title: str = "") -> None:
     best = [(e["step"], e["eval_loss"]) for e in events if e.get("event") == "eval" and e.get("best")]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
-        ax.plot(*zip(*train), label="train", linewidth=1, alpha=0.8)
+        ax.plot(*zip(*train, strict=True), label="train", linewidth=1, alpha=0.8)
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval", linewidth=1.5, markersize=3)
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval", linewidth=1.5, markersize=3)
     if best:
         ax.plot(*best[-1], "*", markersize=12, color="tab:red", label=f"best (step {best[-1][0]})")
     ax.set_xlabel("optimizer step")

@@ -6,13 +6,11 @@ it prints one plain line every few percent so CI logs stay readable.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
-def human_bytes(n: Optional[int]) -> str:
+def human_bytes(n: int | None) -> str:
     if n is None:
         return "?"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -40,7 +38,7 @@ class TrainProgress:
                 console=self.console, transient=False)
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step, **self.fields)
 
-    def __enter__(self) -> "TrainProgress":
+    def __enter__(self) -> TrainProgress:
         if self.progress is not None:
             self.progress.start()
         return self
