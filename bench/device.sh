@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # Driver for the device machine (the `device` tool runs it in the repo root): install the
-# carried wheels, then run one stage, logging under $OUT. Usage: bash bench/device.sh STAGE
-#   torch1  1B bf16 + 1B QLoRA suites, then the `llm-ft train` proof runs   (carry .whl .whl_small .mlxa .benchtok)
-#   mlx     MLX-CUDA vs mlx_lm.lora (+ torch)                               (carry .mlxb .whl_small; after torch1, warm)
-#   torch8  8B bf16 + 8B QLoRA suites                                       (carry .whl .whl_small)
-#   longest 8B QLoRA longest batch-1 sequence, ours vs B0                   (carry .whl .whl_small)
+# carried wheels, then run stages in order, logging under $OUT. Usage: bash bench/device.sh STAGE...
+#   1b      1B bf16 + 1B QLoRA suites (carry .whl .whl_small; .mlxa too, to leave it for the mlx call)
+#   proof   `llm-ft train` bf16 LoRA and QLoRA runs of the 1B model (carry .benchtok)
+#   mlx     MLX-CUDA vs mlx_lm.lora (+ torch) (carry .mlxb; the call right after one that carried .mlxa)
+#   8b, 8bq 8B bf16, 8B QLoRA suites;  longest: 8B QLoRA longest batch-1 sequence, ours vs B0
 set -o pipefail
-stage=${1:?stage}
 OUT=${OUT:-/tmp/out}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p /tmp/site "$OUT"
@@ -23,17 +22,18 @@ fi
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+for stage in "$@"; do
 log="$OUT/log_$stage.txt"
+echo "=== $stage $(date +%T)"
 case $stage in
-  torch1)
-    python3 -m bench.gpu_torch --suite 1b-bf16 --suite 1b-qlora --out "$OUT" 2>&1 | tee "$log"
-    python3 -m bench.gpu_proof --tokenizer .benchtok --out "$OUT" 2>&1 | tee -a "$log" ;;
+  1b) python3 -m bench.gpu_torch --suite 1b-bf16 --suite 1b-qlora --out "$OUT" 2>&1 | tee "$log" ;;
+  proof) python3 -m bench.gpu_proof --tokenizer .benchtok --out "$OUT" 2>&1 | tee "$log" ;;
   mlx)
     python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())" 2>&1 | tee "$log"
     python3 -m bench.gpu_mlx --out "$OUT" 2>&1 | tee -a "$log" ;;
-  torch8)
-    python3 -m bench.gpu_torch --suite 8b-bf16 --suite 8b-qlora --steps 12 --warmup 2 --out "$OUT" 2>&1 | tee "$log" ;;
-  longest)
-    python3 -m bench.gpu_longest --model llama-3.1-8b --out "$OUT" 2>&1 | tee "$log" ;;
-  *) echo "unknown stage $stage"; exit 2 ;;
+  8b) python3 -m bench.gpu_torch --suite 8b-bf16 --steps 12 --warmup 2 --out "$OUT" 2>&1 | tee "$log" ;;
+  8bq) python3 -m bench.gpu_torch --suite 8b-qlora --steps 10 --warmup 2 --out "$OUT" 2>&1 | tee "$log" ;;
+  longest) python3 -m bench.gpu_longest --model llama-3.1-8b --lengths 16384,32768,65536,131072 --out "$OUT" 2>&1 | tee "$log" ;;
+  *) echo "unknown stage $stage" ;;
 esac
+done
