@@ -22,8 +22,12 @@ SCALARS = ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "peak_memory"
 
 def check_reporters(names: list[str]) -> None:
     """Fail before training when a requested logger is not installed."""
-    need = {"wandb": "wandb", "tensorboard": "tensorboard"}
-    missing = [n for n in names if importlib.util.find_spec(need[n]) is None]
+    def present(name: str) -> bool:
+        if name == "tensorboard":  # torch's writer needs the tensorboard package; tensorboardX stands alone
+            return any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX"))
+        return importlib.util.find_spec(name) is not None
+
+    missing = [n for n in names if not present(n)]
     if missing:
         raise UserError(f"--report-to {','.join(missing)}: not installed; pip install {' '.join(missing)}")
 
@@ -47,7 +51,10 @@ class MetricsLog:
 
             self.wandb = wandb.init(project="llm-ft", name=run_name, config=config, resume="allow")
         if "tensorboard" in report_to:
-            from torch.utils.tensorboard import SummaryWriter  # tensorboard's writer ships with torch
+            try:  # torch ships a writer; without torch (the MLX backend) use tensorboardX
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(log_dir=str(log_dir))
 
