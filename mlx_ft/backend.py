@@ -132,11 +132,16 @@ class MLXBackend:
             coef = mx.minimum(max_norm / (norm + 1e-6), 1.0)  # torch's clip_grad_norm_ coefficient
             opt.update(model, tree_map(lambda g: g * coef, grads))
 
+        def grad_norm(grads):
+            return mx.sqrt(tree_reduce(lambda acc, g: acc + g.astype(mx.float32).square().sum(), grads, mx.array(0.0)))
+
         if self.compile:
+            grad_norm = mx.compile(grad_norm)  # one fused kernel instead of two per LoRA matrix
             state = [model.state, mx.random.state]
             forward_backward = mx.compile(forward_backward, inputs=state, outputs=state)
             update = mx.compile(update, inputs=[model.state, opt.state], outputs=[model.state, opt.state])
         self._fb = forward_backward
+        self._grad_norm = grad_norm
         self._update = update
 
     # -- batches -----------------------------------------------------------------
@@ -174,7 +179,7 @@ class MLXBackend:
         loss_finite, self._nonfinite = not self._nonfinite, False
         if skip or not loss_finite or grads is None:
             return StepStats(grad_norm=float("nan"), finite=loss_finite, skipped=True)
-        norm = mx.sqrt(tree_reduce(lambda acc, g: acc + g.astype(mx.float32).square().sum(), grads, mx.array(0.0)))
+        norm = self._grad_norm(grads)
         value = float(norm)
         if not math.isfinite(value):
             return StepStats(grad_norm=value, finite=False, skipped=True)
