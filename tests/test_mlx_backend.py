@@ -194,6 +194,8 @@ def test_grad_checkpoint_gives_the_same_training(tiny_model_dir):
     assert run_steps(plain, micro, 2) == pytest.approx(run_steps(ckpt, micro, 2), rel=1e-6)
     a, b = params(plain), params(ckpt)
     assert all(np.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # generation runs the checkpointed blocks with a real KV cache
+    assert ckpt.generate([1, 40, 41, 42], 6, []) == plain.generate([1, 40, 41, 42], 6, [])
     assert type(ckpt.model.layers[0]).__name__.startswith("Checkpointed")
     assert not type(plain.model.layers[0]).__name__.startswith("Checkpointed")  # other models untouched
 
