@@ -349,3 +349,20 @@ def test_sentencepiece_vocabulary_tokenizes_like_llama_cpp(tmp_path):
     llm = llama_cpp.Llama(str(tmp_path / "spm.gguf"), vocab_only=True, verbose=False)
     for text in PROBES + [" leading", "  two  spaces", "<|im_start|>user\nhi<|im_end|>"]:
         assert tok(text)["input_ids"] == llm.tokenize(text.encode(), add_bos=True, special=True), text
+
+
+def test_large_imports_are_sharded_with_an_index(tiny_gguf, tiny_model_dir, home, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from common.models import gguf_import
+
+    monkeypatch.setattr(gguf_import, "SHARD_BYTES", 100_000)  # the tiny model is ~400 KB of float32
+    out = gguf_import.import_gguf(tiny_gguf)
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(shards) > 2 and set(index["weight_map"].values()) == set(shards)
+    ids = torch.tensor([[1, 5, 9, 30]])
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out)(ids).logits,
+                                   AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits, rtol=0, atol=1e-6)
