@@ -248,3 +248,18 @@ def test_device_flag(tiny_model_dir):
         mlx_backend(tiny_model_dir, device="cuda")
     with pytest.raises(UserError, match="MLX knows cpu and gpu"):
         mlx_backend(tiny_model_dir, device="tpu")
+
+
+def test_prequantized_mlx_checkpoint_trains(tiny_model_dir, tmp_path):
+    """A 4-bit directory as mlx-community publishes them (written by mlx_lm.convert)."""
+    import mlx.nn as nn
+    from mlx_lm import convert
+
+    q = tmp_path / "q4"
+    convert(str(tiny_model_dir), mlx_path=str(q), quantize=True, q_bits=4, q_group_size=64)
+    backend = mlx_backend(q, load_in_4bit=True)
+    assert any("already quantised" in n for n in backend.info.notes)
+    layers = lora_layers(backend.model)
+    assert all(isinstance(m.linear, nn.QuantizedLinear) for m in layers.values())
+    losses = run_steps(backend, batches(examples()), 3, lr=3e-2)
+    assert losses[-1] < losses[0]
