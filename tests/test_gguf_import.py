@@ -87,8 +87,10 @@ def test_import_is_done_once_and_can_be_renamed(tiny_gguf, home):
     again = import_gguf(tiny_gguf)
     assert again == first and (again / "model.safetensors").stat().st_mtime_ns == stamp
     assert time.perf_counter() - t0 < 2.0
-    renamed = import_gguf(tiny_gguf, name="my model")
+    assert import_gguf(tiny_gguf, name="other") == first  # a name alone does not move an import
+    renamed = import_gguf(tiny_gguf, name="my model", rename=True)
     assert renamed.name.startswith("my-model-") and renamed.is_dir() and not first.exists()
+    assert json.loads((renamed / "llm_ft_import.json").read_text())["name"] == renamed.name
 
 
 def test_quantized_tensors_dequantize_to_the_same_values_as_gguf(tiny_model_dir, tmp_path, home):

@@ -84,7 +84,7 @@ def run_import(cfg: ModelsImportConfig) -> int:
 
     if Path(cfg.file).suffix.lower() != ".gguf":
         raise UserError(f"{cfg.file}: expected a .gguf file")
-    print(import_gguf(cfg.file, name=cfg.name))
+    print(import_gguf(cfg.file, name=cfg.name, rename=True))
     return 0
 
 

@@ -91,10 +91,11 @@ def find_import(sha256: str) -> Path | None:
     return None
 
 
-def import_gguf(path: str | os.PathLike, name: str | None = None) -> Path:
+def import_gguf(path: str | os.PathLike, name: str | None = None, rename: bool = False) -> Path:
     """Import ``path`` (a .gguf file) and return the model directory; reuse an earlier import.
 
-    With ``name``, an earlier import under another name is renamed to it.
+    ``name`` names a new import (default: the file's stem); with ``rename``, an earlier import
+    of the same file under another name is renamed to it (``llm-ft models import --name``).
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -104,8 +105,10 @@ def import_gguf(path: str | os.PathLike, name: str | None = None) -> Path:
     wanted = models_home() / f"{_safe_name(name or path.stem)}-{sha[:16]}"
     found = find_import(sha)
     if found is not None:
-        if name and found != wanted and not wanted.exists():
+        if rename and name and found != wanted and not wanted.exists():
             os.replace(found, wanted)
+            record = json.loads((wanted / IMPORT_RECORD).read_text(encoding="utf-8"))
+            io.write_json(wanted / IMPORT_RECORD, {**record, "name": wanted.name})
             return wanted
         return found
     with io.atomic_dir(wanted) as tmp:
