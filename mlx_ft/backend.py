@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_reduce
+from mlx_lm.utils import get_total_parameters
 
 from common.errors import UserError
 from common.io import atomic_path, write_json
@@ -96,8 +97,7 @@ class MLXBackend:
             mlxm.checkpoint_blocks(model)
         if cfg.optim != "adamw":
             notes.append(f"--optim {cfg.optim}: 8-bit optimizers are CUDA/bitsandbytes only; using adamw on MLX "
-                         "(a LoRA's optimizer state is small)")
-            print(f"note: {notes[-1]}")
+                         "(a LoRA's optimizer state is small)")  # the loop prints every note
         self.weight_decay = float(cfg.weight_decay)
         self.model = model
         self.rope = mlxm.uses_rope(model)
@@ -105,7 +105,8 @@ class MLXBackend:
         mx.eval(model.parameters())
         mx.reset_peak_memory()
         trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-        total = sum(v.size for _, v in tree_flatten(model.parameters()))
+        # mlx-lm's count unpacks 4/8-bit weights but skips the LoRA layers' own arrays
+        total = get_total_parameters(model) + trainable
         notes.insert(0, f"mlx {mx.__version__} on {mlxm.device_name()}, compiled step: {self.compile}")
         leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
         return BackendInfo(device=mlxm.device_name(), dtype=str(self.dtype).split(".")[-1], trainable_params=trainable,
