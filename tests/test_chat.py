@@ -149,3 +149,17 @@ def test_chat_help_and_bad_flags(capsys):
         assert flag in out
     assert main(["x", "--top-p", "1.5"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_loading_a_generator_leaves_autograd_on(tiny_model_dir):
+    # Regression: the transformers generator switched autograd off process-wide, so any
+    # training later in the same process (tests, serve) failed with "does not require grad".
+    torch = pytest.importorskip("torch")
+    from common.generate import load_generator
+
+    gen = load_generator(str(tiny_model_dir), system_prompt="")
+    gen.generate([{"role": "user", "content": "hello"}], max_new_tokens=2)
+    assert torch.is_grad_enabled()
+    w = torch.ones(2, requires_grad=True)
+    (w * 3).sum().backward()
+    assert w.grad.tolist() == [3.0, 3.0]

@@ -79,7 +79,8 @@ class TorchGenerator(Generator):
                 warnings.simplefilter("ignore", FutureWarning)
                 model = PeftModel.from_pretrained(model, str(target.adapter_dir), is_trainable=False)
         model.to(dev).eval()
-        torch.set_grad_enabled(False)
+        for p in model.parameters():  # inference only; no process-wide grad switch (it broke training in-process)
+            p.requires_grad_(False)
         return cls(target, formatter, model, tokenizer, dev, dt)
 
     # -- generation ------------------------------------------------------------
@@ -170,6 +171,10 @@ class TorchGenerator(Generator):
         import torch
         import torch.nn.functional as F
 
+        with torch.no_grad():
+            return self._loss(examples, batch_size, torch, F)
+
+    def _loss(self, examples, batch_size, torch, F) -> tuple[float, int]:
         total, count = 0.0, 0
         for start in range(0, len(examples), batch_size):
             chunk = examples[start:start + batch_size]

@@ -1,0 +1,61 @@
+"""Print the demo's before/after table and check its bar (intent and JSON >= 90%, GGUF within 2 points)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+BAR = 0.90  # intent accuracy and JSON validity the fine-tuned model must reach
+GGUF_TOLERANCE = 0.02  # the exported GGUF may lose at most 2 points
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def main(run: str, gguf: str, seconds: str) -> int:
+    run_dir = Path(run)
+    rows = {
+        "base model": load(run_dir / "eval-base" / "metrics.json"),
+        "fine-tuned run": load(run_dir / "eval" / "metrics.json"),
+        f"GGUF ({Path(gguf).name})": load(run_dir / "export" / "eval-gguf" / "metrics.json"),
+    }
+    summary = load(run_dir / "summary.json")
+    keys = [("intent_accuracy", "intent acc"), ("parse_rate", "JSON parse"), ("schema_valid_rate", "schema valid"),
+            ("exact_match", "exact match"), ("intent_macro_f1", "macro-F1")]
+    table = Table(title=f"before / after on data/test.jsonl ({rows['fine-tuned run'].get('n', '?')} rows)")
+    table.add_column("model")
+    for _, label in keys:
+        table.add_column(label, justify="right")
+    for name, m in rows.items():
+        table.add_row(name, *(f"{100 * m.get(k, 0):.1f}%" for k, _ in keys))
+    console = Console()
+    console.print(table)
+    console.print(f"training: {summary.get('steps')} steps, {summary.get('tokens_per_s')} tokens/s, "
+                  f"{summary.get('train_time_s')} s; whole demo after set-up: {seconds} s")
+
+    run_m, gguf_m = rows["fine-tuned run"], rows[f"GGUF ({Path(gguf).name})"]
+    problems = []
+    for k in ("intent_accuracy", "schema_valid_rate"):
+        if run_m.get(k, 0) < BAR:
+            problems.append(f"run {k} {run_m.get(k, 0):.3f} < {BAR}")
+        if gguf_m.get(k, 0) < run_m.get(k, 0) - GGUF_TOLERANCE:
+            problems.append(f"GGUF {k} {gguf_m.get(k, 0):.3f} is more than 2 points below the run")
+    verify = run_dir / "export" / "verify.json"
+    if verify.exists():
+        console.print(f"verification report: {verify}")
+    modelfile = run_dir / "export" / "Modelfile"
+    console.print(f"\nnext: [bold]ollama create intent -f {modelfile}[/bold]  then  ollama run intent \"set a timer for 5 minutes\"")
+    if problems:
+        console.print("[red]demo bar not met:[/red] " + "; ".join(problems))
+        return 1
+    console.print("[green]demo bar met[/green]: intent accuracy and schema validity >= 90%, GGUF within 2 points")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:4]))
