@@ -11,6 +11,9 @@ from typing import Literal, Optional
 
 from common.config import opt, register
 
+SMALL_MODEL_PARAMS = 1_000_000_000  # below this, the default learning rate is SMALL_MODEL_LR
+SMALL_MODEL_LR = 5e-4
+DEFAULT_LR = 2e-4
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -49,11 +52,12 @@ class TrainConfig(DataOptions, ModelOptions):  # fields: model options first, th
     device: Optional[str] = opt(None, "torch device (cuda, cuda:1, mps, cpu); default: the best available")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "compute dtype; auto = bf16 on GPUs that "
                                                                    "support it, fp16 on older GPUs, fp32 on CPU")
-    epochs: float = opt(3.0, "passes over the training data (ignored when --max-steps is set)")
+    epochs: float = opt(2.0, "passes over the training data (ignored when --max-steps is set)")
     max_steps: Optional[int] = opt(None, "optimizer steps to run (overrides --epochs)")
     batch_size: int = opt(4, "examples per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
-    lr: float = opt(2e-4, "peak learning rate")
+    lr: Optional[float] = opt(None, "peak learning rate (default: 2e-4; 5e-4 for models under 1B "
+                              "parameters, which need larger steps to learn a task in a few epochs)")
     warmup_steps: int = opt(10, "linear warmup steps")
     schedule: Literal["linear", "cosine", "constant"] = opt("linear", "learning-rate decay after warmup")
     weight_decay: float = opt(0.0, "AdamW weight decay")
@@ -84,6 +88,11 @@ class TrainConfig(DataOptions, ModelOptions):  # fields: model options first, th
     report_to: list[str] = opt(factory=list, help="extra loggers: wandb, tensorboard")
     log_every: int = opt(1, "log the training loss every N optimizer steps")
 
+    @property
+    def peak_lr(self) -> float:
+        """The learning rate to use: ``lr``, or the general default when it was left unset."""
+        return self.lr if self.lr is not None else DEFAULT_LR
+
     def validate(self) -> list[str]:
         problems = []
         positive = ("batch_size", "grad_accum", "lora_r", "max_seq_length")
@@ -94,7 +103,7 @@ class TrainConfig(DataOptions, ModelOptions):  # fields: model options first, th
             problems.append(f"max_steps: must be >= 1, got {self.max_steps}")
         if self.max_steps is None and self.epochs <= 0:
             problems.append(f"epochs: must be > 0, got {self.epochs}")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             problems.append(f"lr: must be > 0, got {self.lr}")
         if not 0 <= self.lora_dropout < 1:
             problems.append(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")

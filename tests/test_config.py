@@ -23,7 +23,7 @@ def here(tmp_path, monkeypatch):
 
 def test_defaults(here):
     cfg = resolve(TrainConfig, cwd=here)
-    assert cfg.lr == 2e-4 and cfg.batch_size == 4 and cfg.data == ["data"] and cfg.backend == "auto"
+    assert cfg.lr is None and cfg.peak_lr == 2e-4 and cfg.batch_size == 4 and cfg.data == ["data"] and cfg.backend == "auto"
 
 
 def test_precedence_defaults_env_yaml_cli(here):
@@ -67,7 +67,7 @@ def test_parent_directory_env_is_never_read(here):
     (here / ".env").write_text("LLM_FT_LR=0.9\n")
     child = here / "project"
     child.mkdir()
-    assert resolve(TrainConfig, cwd=child).lr == 2e-4
+    assert resolve(TrainConfig, cwd=child).lr is None  # the default, not the parent directory's 0.9
     with pytest.raises(UserError, match="not found"):
         resolve(TrainConfig, env_file=str(child / ".env"), cwd=child)
 

@@ -44,7 +44,7 @@ class TorchBackend:
         self.causal_lm = self.model.get_base_model()
         self.attn_impl = getattr(self.causal_lm.config, "_attn_implementation", "sdpa") or "sdpa"
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer, notes = make_optimizer(cfg.optim, self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        self.optimizer, notes = make_optimizer(cfg.optim, self.model, lr=cfg.peak_lr, weight_decay=cfg.weight_decay,
                                                prec=self.prec)
         self.scaler = torch.amp.GradScaler(self.prec.device.type) if self.prec.grad_scaler else None
         self.optimizer.zero_grad(set_to_none=True)

@@ -8,6 +8,8 @@ is documented in common/run_dir.py.
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 import time
 from collections.abc import Sequence
@@ -168,6 +170,25 @@ def write_description(p: Prepared, cfg: TrainConfig, backend: str) -> None:
     write_json(p.run_dir / "data_fingerprint.json", p.fingerprint)
 
 
+def with_default_lr(cfg: TrainConfig, model_dir: Path, console) -> TrainConfig:
+    """Fill in the learning rate when none was given: larger for small models.
+
+    Measured on the shipped intent data with SmolLM2-135M (2 epochs, batch 4): lr 2e-4 gives
+    ~85-89% intent accuracy, 5e-4 gives 93% (see the demo issue's note).
+    """
+    if cfg.lr is not None:
+        return cfg
+    from common.models.catalog import parameter_count
+    from common.options import DEFAULT_LR, SMALL_MODEL_LR, SMALL_MODEL_PARAMS
+
+    n_params, _ = parameter_count(model_dir)
+    small = 0 < n_params < SMALL_MODEL_PARAMS
+    lr = SMALL_MODEL_LR if small else DEFAULT_LR
+    console.print(f"lr {lr:g} (default for a model of {n_params / 1e6:,.0f}M parameters"
+                  f"{': under 1B' if small else ''}; set --lr to choose)")
+    return dataclasses.replace(cfg, lr=lr)
+
+
 def run(cfg: TrainConfig, *, console=None) -> int:
     """Train; returns 0, or 130 after a Ctrl-C that left a checkpoint to resume from."""
     from rich.console import Console
@@ -183,6 +204,7 @@ def run(cfg: TrainConfig, *, console=None) -> int:
     backend_name = choose_backend(cfg.backend)
     check_reporters(cfg.report_to)
     p = prepare(cfg, console)
+    cfg = with_default_lr(cfg, p.resolved.path, console)
     info_for_resume = run_info(cfg, backend=backend_name, model_dir=p.resolved.path, tokenizer=p.tokenizer,
                                data_fingerprint=p.fingerprint, train_examples=p.data.train)
     resume_from = None

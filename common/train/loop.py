@@ -226,7 +226,7 @@ class Trainer:
         cfg, s = self.cfg, self.state
         micro = [self.stream.next() for _ in range(cfg.grad_accum)]
         total = sum(b.n_supervised for b, _ in micro)
-        lr = lr_at(s.step, peak=cfg.lr, warmup=cfg.warmup_steps, total=self.total_steps, kind=cfg.schedule)
+        lr = lr_at(s.step, peak=cfg.peak_lr, warmup=cfg.warmup_steps, total=self.total_steps, kind=cfg.schedule)
         loss_sum, finite = 0.0, True
         for batch, _ in micro:
             if total == 0:
