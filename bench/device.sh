@@ -16,8 +16,8 @@ done
 if compgen -G ".mlxa/*" >/dev/null; then cp .mlxa/* /root/; fi  # first half of mlx-cuda, for the next call
 if [ -f .mlxb/mlxc.tar.xz.rest ]; then
   [ -f /root/mlxc.tar.xz.00 ] || { echo "mlx-cuda first half missing: the machine went cold between calls"; exit 3; }
+  install .mlxb/*.whl || exit 1  # first: pip --target --upgrade replaces the whole mlx/ folder
   cat /root/mlxc.tar.xz.00 .mlxb/mlxc.tar.xz.rest | xz -dc | tar xf - -C /tmp/site || exit 1
-  install .mlxb/*.whl || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
@@ -32,6 +32,7 @@ case $stage in
     python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())" 2>&1 | tee "$log"
     python3 -m bench.gpu_mlx --out "$OUT" 2>&1 | tee -a "$log" ;;
   8b) python3 -m bench.gpu_torch --suite 8b-bf16 --steps 12 --warmup 2 --out "$OUT" 2>&1 | tee "$log" ;;
+  1bx) python3 -m bench.gpu_torch --suite 1b-diag --out "$OUT" 2>&1 | tee "$log" ;;
   8bq) python3 -m bench.gpu_torch --suite 8b-qlora --steps 10 --warmup 2 --out "$OUT" 2>&1 | tee "$log" ;;
   longest) python3 -m bench.gpu_longest --model llama-3.1-8b --lengths 16384,32768,65536,131072 --out "$OUT" 2>&1 | tee "$log" ;;
   *) echo "unknown stage $stage" ;;

@@ -30,6 +30,8 @@ SUITES: dict[str, dict[str, Any]] = {
     "1b-qlora": {"model": "llama-3.2-1b", "qlora": True, "max_len": 4096, "rows": 1, "sides": ["ours", "B0", "B1"]},
     "8b-bf16": {"model": "llama-3.1-8b", "qlora": False, "max_len": 4096, "rows": 1, "sides": ["ours", "B0", "B1"]},
     "8b-qlora": {"model": "llama-3.1-8b", "qlora": True, "max_len": 4096, "rows": 1, "sides": ["ours", "B0"]},
+    "1b-diag": {"model": "llama-3.2-1b", "qlora": False, "max_len": 4096, "rows": 1,
+                "sides": ["ours", "ours_expseg", "ours_nocudnn"]},
     "tiny-cpu": {"model": "tiny-llama", "qlora": False, "max_len": 256, "rows": 1,
                  "sides": ["ours", "ours_gc", "ours_grouped", "B0", "B1"]},
 }
@@ -50,6 +52,11 @@ def side_spec(key: str, suite: dict, *, model_dir: str, plan: list, steps: int, 
     elif key == "ours_gc":
         spec.update(kind="ours", plan=plan, label=f"ours torch{q}, packed + grad checkpoint")
         spec["cfg"] = {**base_cfg, "grad_checkpoint": True}
+    elif key == "ours_expseg":  # diagnosis of multi-second step spikes: the caching allocator
+        spec.update(kind="ours", plan=plan, label=f"ours torch{q}, packed, expandable_segments allocator",
+                    env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
+    elif key == "ours_nocudnn":  # ... or SDPA's cuDNN backend planning new shapes
+        spec.update(kind="ours", plan=plan, label=f"ours torch{q}, packed, cuDNN SDPA off", cudnn_sdp=False)
     elif key == "ours_grouped":  # another plan: padding to the longest of length-grouped batches
         n = max(1, round(sum(len(p) for p in plan) / len(plan)))
         spec.update(kind="ours", label=f"ours torch{q}, length-grouped batches of {n} (no packing)")
@@ -119,7 +126,8 @@ def run_suite(name: str, *, out: Path, steps: int, warmup: int, n_examples: int,
         s["extra"]["mfu"] = sum(flops[w:]) / sum(s["step_times"][w:]) / (ceiling["tflops"] * 1e12)
         s["extra"]["model_tflops_per_s"] = sum(flops[w:]) / sum(s["step_times"][w:]) / 1e12
     pairs = [("ours", "B0", 2.0, 1.0, LOSS_RTOL), ("ours", "B1", 1.2, None, LOSS_RTOL),
-             ("ours", "ours_gc", None, None, LOSS_RTOL), ("ours", "ours_grouped", None, None, None)]
+             ("ours", "ours_gc", None, None, LOSS_RTOL), ("ours", "ours_grouped", None, None, None),
+             ("ours_expseg", "ours", None, None, LOSS_RTOL), ("ours_nocudnn", "ours", None, None, LOSS_RTOL)]
     result = bc.build_result(
         f"gpu_{name}", f"{suite['model']} random weights, {'QLoRA nf4' if suite['qlora'] else 'bf16'} LoRA r={lora_r} "
         f"on all linear layers, Alpaca-like lengths, packed rows of {suite['max_len']} x {suite['rows']}",

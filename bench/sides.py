@@ -40,6 +40,8 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
+    if spec.get("cudnn_sdp") is False:  # diagnosis: keep SDPA off the cuDNN attention backend
+        torch.backends.cuda.enable_cudnn_sdp(False)
     examples = _examples(spec)
     cuda = spec["device"].startswith("cuda")
     start = load_average()
@@ -82,7 +84,7 @@ def run_in_subprocess(spec: dict[str, Any], *, timeout: float = 3600, env: dict 
         t0 = time.time()
         try:
             proc = subprocess.run([sys.executable, "-m", "bench.sides", str(spec_path), str(out_path)], cwd=REPO,
-                                  env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+                                  env={**os.environ, **(env or {}), **spec.get("env", {})}, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return {"label": spec["label"], "error": f"timed out after {timeout:.0f} s"}
         wall = time.time() - t0
