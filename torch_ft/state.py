@@ -1,8 +1,9 @@
 """Optimizer, loss-scaler and RNG state as safetensors + JSON (never pickle).
 
 ``optimizer.safetensors`` holds every tensor of ``optimizer.state_dict()['state']`` under
-``state.<param index>.<key>``; ``optimizer.json`` holds the scalars, the param groups and
-the gradient scaler; ``rng.safetensors`` holds torch's generator states as uint8.
+``state.<param index>.<key>`` (``<outer>/<inner>`` for nested dicts: bitsandbytes wraps its
+quantisation state in one); ``optimizer.json`` holds everything else in the same shape, the
+param groups and the gradient scaler; ``rng.safetensors`` holds torch's generator states as uint8.
 """
 
 from __future__ import annotations
@@ -30,16 +31,23 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _split(entry: dict, prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Move the tensors of a (nested) state entry into ``tensors``; return the rest."""
+    rest: dict[str, Any] = {}
+    for key, value in entry.items():
+        if torch.is_tensor(value):
+            tensors[f"{prefix}{key}"] = value.detach().to("cpu").contiguous()
+        elif isinstance(value, dict):
+            rest[key] = _split(value, f"{prefix}{key}/", tensors)
+        else:
+            rest[key] = _plain(value)
+    return rest
+
+
 def save_optimizer(optimizer, scaler, out_dir: Path) -> list[str]:
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, entry in sd["state"].items():
-        for key, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{idx}.{key}"] = value.detach().to("cpu").contiguous()
-            else:
-                scalars.setdefault(str(idx), {})[key] = _plain(value)
+    scalars = {str(idx): _split(entry, f"state.{idx}.", tensors) for idx, entry in sd["state"].items()}
     groups = [{k: _plain(v) for k, v in g.items()} for g in sd["param_groups"]]
     meta = {"class": type(optimizer).__name__, "param_groups": groups, "scalars": scalars,
             "tensor_params": sorted({int(k.split(".")[1]) for k in tensors}),
@@ -62,12 +70,14 @@ def load_optimizer(optimizer, scaler, in_dir: Path, allow_partial: bool) -> bool
     if meta.get("class") != type(optimizer).__name__:
         raise UserError(f"{jfile}: optimizer state is for {meta.get('class')}, this run uses "
                         f"{type(optimizer).__name__} (--optim changed?)")
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[int, dict[str, Any]] = {int(idx): entry for idx, entry in meta["scalars"].items()}
     for key, value in load_file(str(tfile)).items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
-    for idx, entry in meta["scalars"].items():
-        state.setdefault(int(idx), {}).update(entry)
+        _, idx, path = key.split(".", 2)
+        node = state.setdefault(int(idx), {})
+        *outer, name = path.split("/")
+        for part in outer:
+            node = node.setdefault(part, {})
+        node[name] = value
     groups = meta["param_groups"]
     for g in groups:
         if "betas" in g:

@@ -9,7 +9,6 @@ is documented in common/run_dir.py.
 from __future__ import annotations
 
 import dataclasses
-
 import re
 import time
 from collections.abc import Sequence
