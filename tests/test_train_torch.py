@@ -162,3 +162,32 @@ def test_eight_bit_optimizer_falls_back_on_cpu(tiny_model_dir):
     if not torch.cuda.is_available():
         assert any("using adamw" in n for n in info.notes)
         assert type(b.optimizer).__name__ == "AdamW"
+
+
+def test_nested_optimizer_state_round_trips(tmp_path):
+    # Regression: bitsandbytes' 8-bit optimizers nest their state in a dict; saving crashed on the H100.
+    from torch_ft import state as states
+
+    class Nested(torch.optim.AdamW):  # the shape of bitsandbytes' state_dict, on plain AdamW
+        def state_dict(self):
+            sd = super().state_dict()
+            sd["state"] = {k: {"step": v["step"], "quant": {"exp_avg": v["exp_avg"], "exp_avg_sq": v["exp_avg_sq"]},
+                               "bits": 8} for k, v in sd["state"].items()}
+            return sd
+
+        def load_state_dict(self, sd):
+            for v in sd["state"].values():
+                v.update(v.pop("quant"))
+                assert v.pop("bits") == 8
+            super().load_state_dict(sd)
+
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    opt = Nested([p], lr=0.1)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    states.save_optimizer(opt, None, tmp_path)
+    q = torch.nn.Parameter(p.detach().clone())
+    again = Nested([q], lr=0.1)
+    assert states.load_optimizer(again, None, tmp_path, allow_partial=False)
+    assert torch.equal(again.state[q]["exp_avg_sq"], opt.state[p]["exp_avg_sq"])
+    assert float(again.state[q]["step"]) == 1.0
