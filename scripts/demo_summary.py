@@ -17,12 +17,18 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def metrics(path: Path) -> dict:
+    """The scores of an ``llm-ft eval`` result (metrics.json keeps them under "metrics")."""
+    result = load(path)
+    return {**result.get("metrics", {}), "n": result.get("metrics", {}).get("n", result.get("n"))}
+
+
 def main(run: str, gguf: str, seconds: str) -> int:
     run_dir = Path(run)
     rows = {
-        "base model": load(run_dir / "eval-base" / "metrics.json"),
-        "fine-tuned run": load(run_dir / "eval" / "metrics.json"),
-        f"GGUF ({Path(gguf).name})": load(run_dir / "export" / "eval-gguf" / "metrics.json"),
+        "base model": metrics(run_dir / "eval-base" / "metrics.json"),
+        "fine-tuned run": metrics(run_dir / "eval" / "metrics.json"),
+        f"GGUF ({Path(gguf).name})": metrics(run_dir / "export" / "eval-gguf" / "metrics.json"),
     }
     summary = load(run_dir / "summary.json")
     keys = [("intent_accuracy", "intent acc"), ("parse_rate", "JSON parse"), ("schema_valid_rate", "schema valid"),

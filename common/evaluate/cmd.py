@@ -11,6 +11,7 @@ several side by side.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,9 @@ class EvalConfig:
                              "and show side by side (also written to eval/compare.md)")
     limit: int | None = opt(None, "evaluate only the first N rows")
     batch_size: int = opt(8, "prompts generated together (torch batches them with left padding)")
-    max_new_tokens: int = opt(256, "longest answer generated, in tokens")
+    max_new_tokens: int | None = opt(None, "longest answer generated, in tokens (default: twice the longest "
+                                        "expected answer + 16, so a rambling model cannot stall the eval; 256 "
+                                        "when the data has no answers)")
     temperature: float = opt(0.0, "sampling temperature; 0 is greedy (reproducible)")
     top_p: float = opt(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
     seed: int = opt(0, "random seed for sampling (temperature > 0)")
@@ -62,7 +65,7 @@ class EvalConfig:
     def validate(self) -> list[str]:
         problems = []
         for name in ("batch_size", "max_new_tokens", "n_ctx"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
             problems.append(f"limit: must be >= 1, got {self.limit}")
@@ -156,6 +159,14 @@ def out_dir_for(target, explicit: str | None) -> Path:
 # one target
 
 
+def answer_budget(gen, expected: list[str | None]) -> int:
+    """Tokens to generate: twice the longest expected answer plus 16 (EOT and slack), capped at 1024."""
+    lengths = [len(gen.formatter.tokenizer.encode(a, add_special_tokens=False)) for a in expected if a]
+    if not lengths:
+        return 256
+    return min(1024, 2 * max(lengths) + 16)
+
+
 def generate_all(gen, prompts: list[list[dict]], cfg: EvalConfig, label: str) -> list[str]:
     """Answers for every prompt, batch by batch, with a progress bar on stderr."""
     from rich.console import Console
@@ -200,6 +211,8 @@ def evaluate_target(target, cfg: EvalConfig, rows: list[Row], task: str, schema:
             chosen = list(range(len(rows)))
         else:  # free text: the loss covers the split; a few answers show what the model writes
             chosen = [i for i, (msgs, _) in enumerate(pairs) if msgs][: cfg.samples]
+        if cfg.max_new_tokens is None:
+            cfg = dataclasses.replace(cfg, max_new_tokens=answer_budget(gen, [pairs[i][1] for i in chosen]))
         before, t0 = gen.new_tokens, time.perf_counter()
         produced = generate_all(gen, [pairs[i][0] for i in chosen], cfg, target.name)
         seconds = time.perf_counter() - t0
