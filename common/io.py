@@ -15,6 +15,18 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _normal_mode(path: Path, is_dir: bool) -> None:
+    """mkstemp/mkdtemp create 0600/0700; give the final file the mode a plain open() would
+    (Ollama's service user must be able to read an exported GGUF and Modelfile)."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -40,6 +52,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        _normal_mode(tmp_path, is_dir=False)
         os.replace(tmp_path, final)
         _fsync_dir(final.parent)
     except BaseException:
@@ -75,6 +88,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
             if p.is_file():
                 with open(p, "rb+") as fh:
                     os.fsync(fh.fileno())
+        _normal_mode(tmp, is_dir=True)
         old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old")

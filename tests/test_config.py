@@ -128,3 +128,18 @@ def test_secret_looking_fields_are_dropped_from_output():
 
     assert to_dict(WithSecret()) == {"name": "n"}
     assert "hf_abc" not in to_yaml(WithSecret())
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    # Regression: mkstemp's 0600 leaked into exported files, which Ollama's service user could not read.
+    from common import io
+
+    old = os.umask(0o022)
+    try:
+        io.write_text(tmp_path / "Modelfile", "FROM x\n")
+        with io.atomic_dir(tmp_path / "adapter") as d:
+            (d / "a.txt").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "Modelfile").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755
