@@ -215,7 +215,9 @@ def build_result(name: str, title: str, sides: dict[str, dict], pairs: list[tupl
         o_key, b_key, speed, mem, rtol = pair[:5]
         atol = pair[5] if len(pair) > 5 else 0.0
         o, b = sides.get(o_key), sides.get(b_key)
-        if not o or not b or "error" in o or "error" in b:
+        if o is None or b is None:  # a side this run did not include
+            continue
+        if "error" in o or "error" in b:
             bad = [k for k, s in ((o_key, o), (b_key, b)) if not s or "error" in s]
             notes.append(f"{o_key} vs {b_key}: not compared, {', '.join(bad)} failed")
             continue

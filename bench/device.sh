@@ -30,7 +30,7 @@ case $stage in
   proof) python3 -m bench.gpu_proof --tokenizer .benchtok --out "$OUT" 2>&1 | tee "$log" ;;
   mlx)
     python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())" 2>&1 | tee "$log"
-    python3 -m bench.gpu_mlx --out "$OUT" 2>&1 | tee -a "$log" ;;
+    python3 -m bench.gpu_mlx --out "$OUT" ${MLX_ARGS:-} 2>&1 | tee -a "$log" ;;
   8b) python3 -m bench.gpu_torch --suite 8b-bf16 --steps 12 --warmup 2 --out "$OUT" 2>&1 | tee "$log" ;;
   1bx) python3 -m bench.gpu_torch --suite 1b-diag --out "$OUT" 2>&1 | tee "$log" ;;
   8bq) python3 -m bench.gpu_torch --suite 8b-qlora --steps 10 --warmup 2 --out "$OUT" 2>&1 | tee "$log" ;;

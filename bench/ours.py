@@ -20,7 +20,7 @@ from common.options import TrainConfig
 
 # Benchmark defaults on top of TrainConfig's: no evaluation, checkpoints or samples inside
 # the timed steps; a constant learning rate (the baselines' warmup formulas differ).
-BENCH_OVERRIDES = dict(warmup_steps=0, schedule="constant", eval_every=0, save_every=0, sample_prompts=0,
+BENCH_OVERRIDES = dict(lr=2e-4, warmup_steps=0, schedule="constant", eval_every=0, save_every=0, sample_prompts=0,
                        grad_accum=1, log_every=10**9)
 
 
