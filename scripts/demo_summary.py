@@ -26,14 +26,15 @@ def metrics(path: Path) -> dict:
 def main(run: str, gguf: str, seconds: str) -> int:
     run_dir = Path(run)
     rows = {
-        "base model": metrics(run_dir / "eval-base" / "metrics.json"),
-        "fine-tuned run": metrics(run_dir / "eval" / "metrics.json"),
-        f"GGUF ({Path(gguf).name})": metrics(run_dir / "export" / "eval-gguf" / "metrics.json"),
+        "base": metrics(run_dir / "eval-base" / "metrics.json"),
+        "fine-tuned": metrics(run_dir / "eval" / "metrics.json"),
+        "GGUF": metrics(run_dir / "export" / "eval-gguf" / "metrics.json"),
     }
     summary = load(run_dir / "summary.json")
     keys = [("intent_accuracy", "intent acc"), ("parse_rate", "JSON parse"), ("schema_valid_rate", "schema valid"),
             ("exact_match", "exact match"), ("intent_macro_f1", "macro-F1")]
-    table = Table(title=f"before / after on data/test.jsonl ({rows['fine-tuned run'].get('n', '?')} rows)")
+    table = Table(title=f"before / after on data/test.jsonl ({rows['fine-tuned'].get('n', '?')} rows)",
+                  caption=f"GGUF = {gguf} through llama.cpp")
     table.add_column("model")
     for _, label in keys:
         table.add_column(label, justify="right")
@@ -44,7 +45,7 @@ def main(run: str, gguf: str, seconds: str) -> int:
     console.print(f"training: {summary.get('steps')} steps, {summary.get('tokens_per_s')} tokens/s, "
                   f"{summary.get('train_time_s')} s; whole demo after set-up: {seconds} s")
 
-    run_m, gguf_m = rows["fine-tuned run"], rows[f"GGUF ({Path(gguf).name})"]
+    run_m, gguf_m = rows["fine-tuned"], rows["GGUF"]
     problems = []
     for k in ("intent_accuracy", "schema_valid_rate"):
         if run_m.get(k, 0) < BAR:
