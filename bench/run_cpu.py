@@ -56,6 +56,8 @@ def bench_torch(args, out: Path) -> Path:
                 "threads": threads(), "targets": list(cfg.targets), "cfg": c}
         sides = {}
         for key, spec in (("ours", {"kind": "ours", "label": "ours torch (loop defaults)"}),
+                          ("ours_ckpt", {"kind": "ours", "label": "ours torch, grad ckpt (the seeds' setting)",
+                                         "cfg": {**c, "grad_checkpoint": True}}),
                           ("seeds", {"kind": "hf", "label": "seeds: Trainer+peft, padded, fp32, grad ckpt",
                                      "hf": {"variant": "B0", "grad_checkpoint": True}})):
             res = run_in_subprocess({**base, **spec}, timeout=6 * 3600)
@@ -65,7 +67,7 @@ def bench_torch(args, out: Path) -> Path:
                                             if "error" not in res else "FAILED " + res["error"][-1500:]), flush=True)
     result = bc.build_result(
         "cpu_torch_vs_seeds", "SmolLM2-135M (embedded) on data/, fp32 LoRA r=16 on q,k,v,o,gate,up,down, "
-        f"batch {args.batch_size}", sides, [("ours", "seeds", 1.3, 1.0, TORCH_RTOL)], command=" ".join(sys.argv),
+        f"batch {args.batch_size}", sides, [("ours", "seeds", 1.3, 1.0, TORCH_RTOL), ("ours_ckpt", "seeds", 1.3, 1.0, TORCH_RTOL)], command=" ".join(sys.argv),
         model={"name": "SmolLM2-135M-Instruct (embedded default)", "dir": str(model_dir)},
         data={"source": "data/ (train split as llm-ft train encodes it)", "lengths": length_stats(data.train)},
         settings={"steps": args.steps, "warmup_steps": args.warmup, "torch_threads": threads(), "loss_rtol": TORCH_RTOL,
