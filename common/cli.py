@@ -10,7 +10,7 @@ import importlib
 import os
 import sys
 import traceback
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from common import __version__
 from common.errors import UserError

@@ -7,7 +7,7 @@ flags, ``--print-config`` and ``configs/*.yaml`` are generated from these classe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 from common.config import opt, register
 
@@ -21,7 +21,7 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 class ModelOptions:
     model: str = opt("default", "base model: a Hugging Face Hub id, a local HF directory, a .gguf file, "
                      "or 'default' (the embedded SmolLM2-135M-Instruct)")
-    revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of --model")
+    revision: str | None = opt(None, "Hub revision (branch, tag or commit) of --model")
     trust_remote_code: bool = opt(False, "allow models that need their own Python code (runs code from the model repo)")
 
 
@@ -29,15 +29,15 @@ class ModelOptions:
 class DataOptions:
     data: list[str] = opt(factory=lambda: ["data"], help="data directory (train/valid/test.jsonl) or files; "
                           "several sources may be mixed, each as PATH or PATH:N (N rows sampled)")
-    system_prompt_file: Optional[str] = opt("system_prompt.txt", "system prompt inserted into rows that have none "
+    system_prompt_file: str | None = opt("system_prompt.txt", "system prompt inserted into rows that have none "
                                             "(and written to the Modelfile's SYSTEM); empty to use none")
-    chat_template: Optional[str] = opt(None, "override the tokenizer's chat template: a named template "
+    chat_template: str | None = opt(None, "override the tokenizer's chat template: a named template "
                                        "(chatml, llama3, alpaca) or a .jinja file")
     max_seq_length: int = opt(1024, "maximum tokens per example")
     overlong: Literal["truncate", "drop", "error"] = opt("truncate", "what to do with rows longer than --max-seq-length "
                                                          "(always counted and reported)")
     valid_fraction: float = opt(0.1, "fraction of train held out for validation when there is no valid file")
-    json_schema: Optional[str] = opt(None, "JSON schema every assistant answer must satisfy "
+    json_schema: str | None = opt(None, "JSON schema every assistant answer must satisfy "
                                      "(default: schema.json beside the data, if present)")
     train_on_prompt: bool = opt(False, "also compute the loss on system/user tokens")
     seed: int = opt(3407, "random seed (data order, splits, adapter initialisation)")
@@ -46,17 +46,17 @@ class DataOptions:
 @register
 @dataclass
 class TrainConfig(DataOptions, ModelOptions):  # fields: model options first, then data
-    out: Optional[str] = opt(None, "run directory (default: runs/<model>-<timestamp>)")
+    out: str | None = opt(None, "run directory (default: runs/<model>-<timestamp>)")
     backend: Literal["auto", "torch", "mlx"] = opt("auto", "training backend; auto = MLX on Apple Silicon when "
                                                   "installed, else PyTorch")
-    device: Optional[str] = opt(None, "torch device (cuda, cuda:1, mps, cpu); default: the best available")
+    device: str | None = opt(None, "torch device (cuda, cuda:1, mps, cpu); default: the best available")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "compute dtype; auto = bf16 on GPUs that "
                                                                    "support it, fp16 on older GPUs, fp32 on CPU")
     epochs: float = opt(2.0, "passes over the training data (ignored when --max-steps is set)")
-    max_steps: Optional[int] = opt(None, "optimizer steps to run (overrides --epochs)")
+    max_steps: int | None = opt(None, "optimizer steps to run (overrides --epochs)")
     batch_size: int = opt(4, "examples per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
-    lr: Optional[float] = opt(None, "peak learning rate (default: 2e-4; 5e-4 for models under 1B "
+    lr: float | None = opt(None, "peak learning rate (default: 2e-4; 5e-4 for models under 1B "
                               "parameters, which need larger steps to learn a task in a few epochs)")
     warmup_steps: int = opt(10, "linear warmup steps")
     schedule: Literal["linear", "cosine", "constant"] = opt("linear", "learning-rate decay after warmup")
@@ -68,7 +68,7 @@ class TrainConfig(DataOptions, ModelOptions):  # fields: model options first, th
     lora_dropout: float = opt(0.0, "dropout on the LoRA input")
     targets: list[str] = opt(factory=lambda: list(DEFAULT_TARGETS), help="module names to adapt "
                              "(those the architecture lacks are skipped; 'all-linear' adapts every linear layer)")
-    num_layers: Optional[int] = opt(None, "adapt only the last N transformer layers (default: all)")
+    num_layers: int | None = opt(None, "adapt only the last N transformer layers (default: all)")
     use_dora: bool = opt(False, "weight-decomposed LoRA (DoRA)")
     use_rslora: bool = opt(False, "rank-stabilised LoRA scaling alpha/sqrt(r)")
     load_in_4bit: bool = opt(False, "QLoRA: 4-bit base (bitsandbytes nf4 on CUDA; MLX's 4-bit on a Mac)")
@@ -77,11 +77,11 @@ class TrainConfig(DataOptions, ModelOptions):  # fields: model options first, th
     packing: bool = opt(False, "pack several examples per row, padding-free, no attention across examples")
     group_by_length: bool = opt(True, "batch rows of similar length together (less padding)")
     eval_every: int = opt(50, "evaluate on the validation split every N optimizer steps (0: only at the end)")
-    eval_batches: Optional[int] = opt(None, "limit each evaluation to N batches (default: the whole split)")
+    eval_batches: int | None = opt(None, "limit each evaluation to N batches (default: the whole split)")
     sample_prompts: int = opt(2, "validation prompts to generate an answer for at each evaluation")
     save_every: int = opt(100, "write a checkpoint every N optimizer steps (0: only at the end)")
     keep: int = opt(3, "checkpoints to keep (the newest; the last verified one is never deleted)")
-    early_stop_patience: Optional[int] = opt(None, "stop after N evaluations without improvement")
+    early_stop_patience: int | None = opt(None, "stop after N evaluations without improvement")
     resume: bool = opt(False, "continue from the newest verified checkpoint in --out")
     allow_partial_resume: bool = opt(False, "resume even if the optimizer state is missing")
     nonfinite: Literal["skip", "abort"] = opt("skip", "on a NaN/inf loss or gradient: skip the step or stop the run")

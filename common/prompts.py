@@ -9,10 +9,11 @@ marker strings are searched for, so any template that renders prefixes stably wo
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from common.errors import UserError
 from common.rows import Conversation, Example, Text
@@ -47,7 +48,7 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<
                       "<|end_of_text|>", "<|eom_id|>")
 
 
-def load_system_prompt(path: str | Path | None) -> Optional[str]:
+def load_system_prompt(path: str | Path | None) -> str | None:
     """The system prompt text, exactly as training and the Modelfile use it.
 
     Trailing newlines are dropped (editors add one); nothing else is changed.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 
 @dataclass
@@ -22,8 +22,8 @@ class Conversation:
     """A chat: ``messages`` are dicts with ``role`` (system/user/assistant) and ``content`` (str)."""
 
     messages: list[dict[str, Any]]
-    source: Optional[Source] = None
-    tools: Optional[list[dict[str, Any]]] = None
+    source: Source | None = None
+    tools: list[dict[str, Any]] | None = None
 
     def user_text(self) -> str:
         return "\n".join(m["content"] for m in self.messages if m["role"] == "user")
@@ -34,7 +34,7 @@ class Text:
     """Plain text for domain adaptation: every token is trained on."""
 
     text: str
-    source: Optional[Source] = None
+    source: Source | None = None
 
 
 Row = Conversation | Text
@@ -46,7 +46,7 @@ class Example:
 
     input_ids: list[int]
     loss_mask: list[int]
-    source: Optional[Source] = field(default=None, compare=False)
+    source: Source | None = field(default=None, compare=False)
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from common.errors import UserError
 
@@ -34,7 +34,7 @@ class RunDir:
     path: Path
 
     @classmethod
-    def open(cls, path: str | Path) -> "RunDir":
+    def open(cls, path: str | Path) -> RunDir:
         p = Path(path)
         if not p.is_dir():
             raise UserError(f"{p}: run directory not found")
@@ -65,11 +65,11 @@ class RunDir:
             return resolve_model(spec, self.config().get("revision")).path
         return path
 
-    def system_prompt(self) -> Optional[str]:
+    def system_prompt(self) -> str | None:
         f = self.path / "system_prompt.txt"
         return f.read_text(encoding="utf-8") if f.exists() else None
 
-    def chat_template_override(self) -> Optional[str]:
+    def chat_template_override(self) -> str | None:
         return self.config().get("chat_template")
 
     def summary(self) -> dict[str, Any]:

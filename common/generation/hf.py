@@ -50,7 +50,7 @@ class TorchGenerator(Generator):
     def load(cls, target: Target, *, system_prompt: str | None, chat_template: str | None,
              device: str | None = None, dtype: str = "auto") -> TorchGenerator:
         try:
-            import torch
+            import torch  # noqa: F401  (the torch extra is needed: fail early with a clear message)
             from transformers import AutoModelForCausalLM
         except ImportError as exc:
             raise missing_extra("torch", exc) from None
