@@ -10,12 +10,10 @@ PIP := $(PY) -m pip
 UNAME_S := $(shell uname -s)
 UNAME_M := $(shell uname -m)
 
-# MLX on Apple Silicon; elsewhere MLX on the CPU (for tests) plus the PyTorch backend.
-ifeq ($(UNAME_S),Darwin)
-EXTRAS ?= mlx,verify,web,dev
-else
+# MLX (Metal) on macOS, MLX on the CPU elsewhere; PyTorch everywhere: the tests build their tiny
+# reference models with transformers, and the backend-parity tests need both.
+# (pyproject's markers pick mlx's Metal build on macOS, mlx[cpu] on Linux.)
 EXTRAS ?= mlx,torch,verify,web,dev
-endif
 # Linux without an NVIDIA GPU: the CPU build of torch (set TORCH_INDEX to use another index).
 ifeq ($(UNAME_S),Linux)
 ifeq ($(shell command -v nvidia-smi 2>/dev/null),)
