@@ -7,6 +7,7 @@ failed write never clobbers an existing good file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -15,8 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+@functools.lru_cache(maxsize=1)
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read once: reading it means setting it, which would race other threads' writes."""
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 

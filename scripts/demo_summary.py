@@ -19,8 +19,7 @@ def load(path: Path) -> dict:
 
 def metrics(path: Path) -> dict:
     """The scores of an ``llm-ft eval`` result (metrics.json keeps them under "metrics")."""
-    result = load(path)
-    return {**result.get("metrics", {}), "n": result.get("metrics", {}).get("n", result.get("n"))}
+    return load(path)["metrics"]
 
 
 def main(run: str, gguf: str, seconds: str) -> int:

@@ -50,3 +50,18 @@ def default_model(tmp_path_factory):
             os.environ.pop("LLM_FT_HOME")
         else:
             os.environ["LLM_FT_HOME"] = saved
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: the models are tiny, the CI box's cores are shared, and the same thread
+    count in this process and its children keeps CPU float sums reproducible (torch_ft honours OMP_NUM_THREADS)."""
+    torch = pytest.importorskip("torch")
+    old_env, old_threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(old_threads)
+    if old_env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = old_env

@@ -33,20 +33,8 @@ SYSTEM = "You are an intent classifier. Answer with JSON only."
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: these models are tiny, and the CI box's cores are shared (threads would spin)."""
-    import os
-
-    import torch
-
-    old_env, old_threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
-    os.environ["OMP_NUM_THREADS"] = "1"  # torch_ft.device.cpu_threads honours it
+def one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(old_threads)
-    if old_env is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
-    else:
-        os.environ["OMP_NUM_THREADS"] = old_env
 
 
 @pytest.fixture(scope="module")

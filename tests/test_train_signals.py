@@ -39,18 +39,8 @@ SETTINGS = dict(max_steps=36, batch_size=2, grad_accum=2, lr=5e-3, warmup_steps=
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Same thread count in this process and the children: CPU float sums are then reproducible."""
-    import torch
-
-    old_env, old_threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
-    os.environ["OMP_NUM_THREADS"] = "1"
+def one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(old_threads)
-    if old_env is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
-    else:
-        os.environ["OMP_NUM_THREADS"] = old_env
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -23,15 +22,8 @@ pytestmark = [pytest.mark.torch, pytest.mark.filterwarnings("ignore:.*is_gradien
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old_env, old_threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
-    os.environ["OMP_NUM_THREADS"] = "1"
+def one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(old_threads)
-    if old_env is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
-    else:
-        os.environ["OMP_NUM_THREADS"] = old_env
 
 
 @pytest.fixture(scope="module")

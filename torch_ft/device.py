@@ -40,15 +40,19 @@ def _gpu_name(index: int) -> str:
         return "GPU"
 
 
+def best_device() -> str:
+    """The best available device: cuda, then mps, then cpu."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
 def choose(device: str | None = None, dtype: str = "auto") -> Precision:
     """Pick the device (the best available unless ``device`` is given) and the precision."""
     if device is None:
-        if torch.cuda.is_available():
-            device = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            device = "mps"
-        else:
-            device = "cpu"
+        device = best_device()
     try:
         dev = torch.device(device)
     except RuntimeError as exc:

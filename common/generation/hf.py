@@ -171,23 +171,19 @@ class TorchGenerator(Generator):
         import torch
         import torch.nn.functional as F
 
-        with torch.no_grad():
-            return self._loss(examples, batch_size, torch, F)
-
-    def _loss(self, examples, batch_size, torch, F) -> tuple[float, int]:
         total, count = 0.0, 0
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start:start + batch_size]
-            width = max(len(e) for e in chunk)
-            ids = torch.tensor([e.input_ids + [self.pad_id] * (width - len(e)) for e in chunk], device=self.device)
-            attn = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in chunk], device=self.device)
-            target_mask = torch.tensor([e.loss_mask + [0] * (width - len(e)) for e in chunk], device=self.device)
-            logits = self.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-            targets = ids[:, 1:]
-            keep = target_mask[:, 1:].bool()
-            losses = F.cross_entropy(logits[keep], targets[keep], reduction="sum")
-            total += float(losses)
-            count += int(keep.sum())
+        with torch.no_grad():
+            for start in range(0, len(examples), batch_size):
+                chunk = examples[start:start + batch_size]
+                width = max(len(e) for e in chunk)
+                ids = torch.tensor([e.input_ids + [self.pad_id] * (width - len(e)) for e in chunk],
+                                   device=self.device)
+                attn = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in chunk], device=self.device)
+                target_mask = torch.tensor([e.loss_mask + [0] * (width - len(e)) for e in chunk], device=self.device)
+                logits = self.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+                keep = target_mask[:, 1:].bool()
+                total += float(F.cross_entropy(logits[keep], ids[:, 1:][keep], reduction="sum"))
+                count += int(keep.sum())
         return total, count
 
     def describe(self) -> dict:

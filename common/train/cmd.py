@@ -128,14 +128,9 @@ def _device_and_dtype_bytes(cfg: TrainConfig, backend: str) -> tuple[str | None,
         return None, DTYPE_BYTES.get(cfg.dtype, 2 if gpu else 4)
     device = cfg.device
     if device is None:
-        import torch  # the torch backend is about to import it anyway
+        from torch_ft.device import best_device  # the torch backend is about to import torch anyway
 
-        if torch.cuda.is_available():
-            device = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            device = "mps"
-        else:
-            device = "cpu"
+        device = best_device()
     if cfg.dtype != "auto":
         return device, DTYPE_BYTES[cfg.dtype]
     return device, 2 if device.startswith("cuda") else 4
