@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Driver for the device machine (the `device` tool runs it in the repo root): install the
 # carried wheels, then run stages in order, logging under $OUT. Usage: bash bench/device.sh STAGE...
+#   checks  varlen attention and Liger against SDPA on a small model (losses, gradients, isolation)
 #   1b      1B bf16 + 1B QLoRA suites (carry .whl .whl_small; .mlxa too, to leave it for the mlx call)
 #   proof   `llm-ft train` bf16 LoRA and QLoRA runs of the 1B model (carry .benchtok)
 #   mlx     MLX-CUDA vs mlx_lm.lora (+ torch) (carry .mlxb; the call right after one that carried .mlxa)
@@ -26,6 +27,7 @@ for stage in "$@"; do
 log="$OUT/log_$stage.txt"
 echo "=== $stage $(date +%T)"
 case $stage in
+  checks) python3 -m bench.gpu_checks 2>&1 | tee "$log" ;;
   1b) python3 -m bench.gpu_torch --suite 1b-bf16 --suite 1b-qlora --out "$OUT" 2>&1 | tee "$log" ;;
   proof) python3 -m bench.gpu_proof --tokenizer .benchtok --out "$OUT" 2>&1 | tee "$log" ;;
   mlx)

@@ -26,10 +26,11 @@ MODELS_DIR = Path("/tmp/bench-models")
 # name -> model, QLoRA?, pack length, rows per step, the sides to run (key -> how)
 SUITES: dict[str, dict[str, Any]] = {
     "1b-bf16": {"model": "llama-3.2-1b", "qlora": False, "max_len": 4096, "rows": 1,
-                "sides": ["ours", "ours_gc", "ours_grouped", "B0", "B1"]},
+                "sides": ["ours", "ours_noliger", "ours_sdpa", "ours_gc", "ours_grouped", "B0", "B1"]},
     "1b-qlora": {"model": "llama-3.2-1b", "qlora": True, "max_len": 4096, "rows": 1, "sides": ["ours", "B0", "B1"]},
-    "8b-bf16": {"model": "llama-3.1-8b", "qlora": False, "max_len": 4096, "rows": 1, "sides": ["ours", "B0", "B1"]},
-    "8b-qlora": {"model": "llama-3.1-8b", "qlora": True, "max_len": 4096, "rows": 1, "sides": ["ours", "B0"]},
+    "8b-bf16": {"model": "llama-3.1-8b", "qlora": False, "max_len": 4096, "rows": 1,
+                "sides": ["ours", "ours_noliger", "ours_sdpa", "B0", "B1"]},
+    "8b-qlora": {"model": "llama-3.1-8b", "qlora": True, "max_len": 4096, "rows": 1, "sides": ["ours", "B0", "B1"]},
     "1b-diag": {"model": "llama-3.2-1b", "qlora": False, "max_len": 4096, "rows": 1,
                 "sides": ["ours", "ours_expseg", "ours_nocudnn"]},
     "tiny-cpu": {"model": "tiny-llama", "qlora": False, "max_len": 256, "rows": 1,
@@ -48,7 +49,13 @@ def side_spec(key: str, suite: dict, *, model_dir: str, plan: list, steps: int, 
                             "targets": list(ALL_LINEAR), "cfg": base_cfg}
     q = " QLoRA nf4" if suite["qlora"] else ""
     if key == "ours":
-        spec.update(kind="ours", plan=plan, label=f"ours torch{q}, packed")
+        spec.update(kind="ours", plan=plan, label=f"ours torch{q}, packed (defaults: varlen attention, Liger at hidden >= 4096)")
+    elif key == "ours_sdpa":  # before the varlen/Liger work: SDPA with a dense block-diagonal mask
+        spec.update(kind="ours", plan=plan, label=f"ours torch{q}, packed, SDPA + dense mask, no Liger")
+        spec["cfg"] = {**base_cfg, "attention": "sdpa", "kernels": "off"}
+    elif key == "ours_noliger":  # what varlen attention alone buys
+        spec.update(kind="ours", plan=plan, label=f"ours torch{q}, packed, varlen, no Liger")
+        spec["cfg"] = {**base_cfg, "kernels": "off"}
     elif key == "ours_gc":
         spec.update(kind="ours", plan=plan, label=f"ours torch{q}, packed + grad checkpoint")
         spec["cfg"] = {**base_cfg, "grad_checkpoint": True}
@@ -126,6 +133,7 @@ def run_suite(name: str, *, out: Path, steps: int, warmup: int, n_examples: int,
         s["extra"]["mfu"] = sum(flops[w:]) / sum(s["step_times"][w:]) / (ceiling["tflops"] * 1e12)
         s["extra"]["model_tflops_per_s"] = sum(flops[w:]) / sum(s["step_times"][w:]) / 1e12
     pairs = [("ours", "B0", 2.0, 1.0, LOSS_RTOL), ("ours", "B1", 1.2, None, LOSS_RTOL),
+             ("ours", "ours_sdpa", None, None, LOSS_RTOL), ("ours", "ours_noliger", None, None, LOSS_RTOL),
              ("ours", "ours_gc", None, None, LOSS_RTOL), ("ours", "ours_grouped", None, None, None),
              ("ours_expseg", "ours", None, None, LOSS_RTOL), ("ours_nocudnn", "ours", None, None, LOSS_RTOL)]
     result = bc.build_result(

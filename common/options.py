@@ -75,6 +75,12 @@ class TrainConfig(DataOptions, ModelOptions):  # fields: model options first, th
     load_in_8bit: bool = opt(False, "8-bit base (MLX's 8-bit on a Mac; bitsandbytes int8 on CUDA)")
     grad_checkpoint: bool = opt(False, "gradient checkpointing: less memory, ~30% slower")
     packing: bool = opt(False, "pack several examples per row, padding-free, no attention across examples")
+    attention: Literal["auto", "varlen", "sdpa", "eager"] = opt(
+        "auto", "attention kernel of the torch backend: auto = variable-length Flash-Attention on NVIDIA GPUs "
+        "in bf16/fp16 (each example attends only to itself, no padding work), SDPA elsewhere")
+    kernels: Literal["auto", "liger", "off"] = opt(
+        "auto", "fused kernels of the torch backend: auto = Liger's RMSNorm/SwiGLU/RoPE on NVIDIA GPUs for "
+        "models of hidden size >= 4096, where liger-kernel is installed (pip install 'llm-ft[cuda]')")
     group_by_length: bool = opt(True, "batch rows of similar length together (less padding)")
     eval_every: int = opt(50, "evaluate on the validation split every N optimizer steps (0: only at the end)")
     eval_batches: int | None = opt(None, "limit each evaluation to N batches (default: the whole split)")

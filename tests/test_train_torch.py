@@ -183,3 +183,39 @@ def test_nested_optimizer_state_round_trips(tmp_path):
     assert states.load_optimizer(again, None, tmp_path, allow_partial=False)
     assert torch.equal(again.state[q]["exp_avg_sq"], opt.state[p]["exp_avg_sq"])
     assert float(again.state[q]["step"]) == 1.0
+
+
+def test_segment_bounds_cover_every_token_of_the_flattened_batch():
+    from torch_ft.attention import segment_bounds
+
+    batch = make_batch([[Example([5] * 3, [1] * 3), Example([6] * 4, [1] * 4)], [Example([7] * 2, [1] * 2)]], 0)
+    bounds, longest = segment_bounds(batch.segment_ids)
+    # row 0: examples of 3 and 4 tokens; row 1: one of 2 tokens, then 5 padding tokens as a segment of their own
+    assert bounds == [0, 3, 7, 9, 14] and longest == 5
+    assert segment_bounds([[1, 1, 1]]) == ([0, 3], 3)
+
+
+def test_varlen_attention_and_liger_refuse_the_cpu_with_the_reason(tiny_model_dir):
+    with pytest.raises(UserError, match="--attention varlen: needs an NVIDIA GPU"):
+        backend_for(tiny_model_dir, attention="varlen")
+    with pytest.raises(UserError, match="--kernels liger: needs an NVIDIA GPU"):
+        backend_for(tiny_model_dir, kernels="liger")
+
+
+def test_varlen_implementation_falls_through_to_sdpa_without_segments(tiny_model_dir):
+    # Generation and sliding-window layers reach the registered attention without segment bounds:
+    # they must get exactly SDPA's answer, masks included (padded batch).
+    from transformers import AutoModelForCausalLM
+
+    from torch_ft import attention
+
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    out = {}
+    for impl in ("sdpa", attention.register()):
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation=impl)
+        assert model.config._attn_implementation == impl
+        with torch.no_grad():
+            out[impl] = model(input_ids=ids, attention_mask=mask).logits
+    a, b = out.values()
+    assert torch.equal(a, b)

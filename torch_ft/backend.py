@@ -16,6 +16,7 @@ import torch
 from common.errors import UserError
 from common.train.backend import BackendInfo, Batch, StepStats
 from torch_ft import device as devices
+from torch_ft import kernels
 from torch_ft import state as states
 from torch_ft.loss import model_inputs, supervised_loss
 from torch_ft.model import attach_lora, load_base
@@ -40,6 +41,7 @@ class TorchBackend:
         self.prec = devices.choose(cfg.device, cfg.dtype)
         self.pad_id = pad_id
         base = load_base(Path(model_dir), cfg, self.prec)
+        kernel_note = kernels.apply(base, self.prec, getattr(cfg, "kernels", "auto"))
         self.model, targets = attach_lora(base, cfg, cfg.seed)
         self.causal_lm = self.model.get_base_model()
         self.attn_impl = getattr(self.causal_lm.config, "_attn_implementation", "sdpa") or "sdpa"
@@ -52,6 +54,8 @@ class TorchBackend:
         trainable = sum(p.numel() for p in self.params)
         total = sum(p.numel() for p in self.model.parameters())
         notes = [f"torch {torch.__version__}: {self.prec.description}, attention {self.attn_impl}"] + notes
+        if kernel_note:
+            notes.append(kernel_note)
         if self.prec.kind == "cpu" and (busy := devices.busy_cpu_note(torch.get_num_threads())):
             notes.append(busy)
         if cfg.load_in_4bit:

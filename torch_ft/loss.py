@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from common.train.backend import Batch
+from torch_ft import attention
 
 LOGITS_BUDGET = 2**26  # fp32 logits per chunk: 64M values = 256 MB
 
@@ -20,13 +21,19 @@ LOGITS_BUDGET = 2**26  # fp32 logits per chunk: 64M values = 256 MB
 def model_inputs(batch: Batch, device: torch.device, mask_dtype: torch.dtype, attn_impl: str) -> dict:
     """input_ids plus what keeps attention inside each example and off the padding.
 
-    Unpacked rows get a 2D padding mask. Packed rows get position_ids that restart per
-    example and, for SDPA/eager, a 4D block-diagonal causal additive mask; flash-attention
-    2 instead finds the examples from the position_ids (varlen kernels).
+    With our varlen attention (CUDA) every row, packed or not, goes as segment bounds
+    (no mask). Otherwise unpacked rows get a 2D padding mask; packed rows get position_ids
+    that restart per example and, for SDPA/eager, a 4D block-diagonal causal additive mask;
+    flash-attention 2 instead finds the examples from the position_ids.
     """
     ids = torch.tensor(batch.input_ids, dtype=torch.long, device=device)
-    seg = torch.tensor(batch.segment_ids, dtype=torch.long, device=device)
     pos = torch.tensor(batch.position_ids, dtype=torch.long, device=device)
+    if attn_impl == attention.ATTN_NAME:
+        bounds, longest = attention.segment_bounds(batch.segment_ids)
+        return {"input_ids": ids, "position_ids": pos,
+                attention.CU_SEQLENS: torch.tensor(bounds, dtype=torch.int32, device=device),
+                attention.MAX_SEQLEN: longest}
+    seg = torch.tensor(batch.segment_ids, dtype=torch.long, device=device)
     packed = any(max(row, default=0) > 1 for row in batch.segment_ids)
     if not packed:
         return {"input_ids": ids, "attention_mask": (seg > 0).long(), "position_ids": pos}

@@ -16,8 +16,23 @@ QLORA_ALTERNATIVES = ("on a Mac, use --backend mlx (MLX trains on a 4-bit base o
                       "elsewhere, drop --load-in-4bit (a LoRA on the full-precision base) or use an NVIDIA/ROCm GPU")
 
 
-def attention_implementation(prec: Precision, packing: bool) -> str:
-    """SDPA everywhere; flash-attention 2 (varlen through position_ids) for packing on CUDA when installed."""
+def attention_implementation(prec: Precision, packing: bool, choice: str = "auto") -> str:
+    """``choice``, or for "auto": variable-length Flash-Attention (torch's ``varlen_attn``) on NVIDIA
+    GPUs in half precision (packed examples attend only to themselves, padding costs nothing); else
+    flash-attention 2 for packing where installed; SDPA everywhere else."""
+    from torch_ft import attention
+
+    usable = attention.usable(prec.device, prec.dtype)
+    if choice == "varlen":
+        if not usable:
+            raise UserError("--attention varlen: needs an NVIDIA GPU, --dtype bfloat16/float16 and torch >= 2.10 "
+                            f"(this run: {prec.device}, {prec.dtype_name}, torch {torch.__version__})",
+                            ["use --attention auto (SDPA where varlen is unavailable)"])
+        return attention.register()
+    if choice != "auto":
+        return choice
+    if usable:
+        return attention.register()
     if (packing and prec.kind == "cuda" and prec.dtype != torch.float32
             and importlib.util.find_spec("flash_attn") is not None):
         return "flash_attention_2"
@@ -49,8 +64,9 @@ def load_base(model_dir: Path, cfg: Any, prec: Precision):
     from transformers import AutoModelForCausalLM
 
     quant = _quantization_config(cfg, prec)
+    attn = attention_implementation(prec, cfg.packing, getattr(cfg, "attention", "auto"))
     kwargs: dict[str, Any] = dict(dtype=prec.dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code,
-                                  attn_implementation=attention_implementation(prec, cfg.packing))
+                                  attn_implementation=attn)
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": prec.device.index or 0}

@@ -1,0 +1,48 @@
+"""Fused Triton kernels from Liger (RMSNorm, SwiGLU, RoPE) on NVIDIA GPUs, where installed.
+
+Each replaces several memory-bound elementwise passes of the transformers module with one
+kernel, forward and backward; the matmuls (and the LoRA layers peft puts around them) are
+untouched. Liger's fused-linear cross-entropy is not used: our loss already runs lm_head only
+on supervised positions, in chunks (torch_ft.loss).
+
+"auto" applies them to models of hidden size >= ``LIGER_MIN_HIDDEN`` only: on an H100 with
+packed 4096-token rows (bench/RESULTS.md) they bought 1.23x tokens/s on a Llama-3.1-8B shape
+(hidden 4096) but cost 0.84x on a Llama-3.2-1B shape (hidden 2048), where the unfused ops
+are cheap and the extra kernel launches are not.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+from common.errors import UserError
+from torch_ft.device import Precision
+
+LIGER_MIN_HIDDEN = 4096
+
+
+def liger_usable(prec: Precision) -> bool:
+    return prec.kind == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+
+
+def apply(model, prec: Precision, choice: str = "auto") -> str | None:
+    """Patch ``model`` (a transformers CausalLM, before peft) with Liger's kernels; a note, or None."""
+    if choice == "off" or (choice == "auto" and not liger_usable(prec)):
+        return None
+    if not liger_usable(prec):
+        raise UserError(f"--kernels liger: needs an NVIDIA GPU and liger-kernel (this run: {prec.device})",
+                        ["pip install 'llm-ft[cuda]'", "or --kernels auto"])
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+
+    if choice == "auto" and int(getattr(model.config, "hidden_size", 0) or 0) < LIGER_MIN_HIDDEN:
+        return None
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        if choice == "liger":
+            raise UserError(f"--kernels liger: Liger has no kernels for model type {model_type!r}")
+        return None
+    logging.getLogger("liger_kernel").setLevel(logging.WARNING)
+    _apply_liger_kernel_to_instance(model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    return f"Liger kernels ({model_type}): RMSNorm, SwiGLU, RoPE"
