@@ -10,6 +10,7 @@ are mapped by ``gguf.TensorNameMap``. The keys and transforms follow llama.cpp's
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -82,6 +83,18 @@ def load_hparams(model_dir: str | Path) -> HParams:
     cfg = text.to_dict()
     cfg["tie_word_embeddings"] = bool(getattr(config, "tie_word_embeddings", cfg.get("tie_word_embeddings", True)))
     return HParams(cfg, hf_arch, getattr(text, "model_type", ""))
+
+
+def read_config_json(model_dir: str | Path) -> HParams:
+    """config.json as written, without transformers (no defaults, rope as stored).
+
+    Enough to plan the tensors before transformers has loaded (it imports torch for any
+    config: seconds); anything planned from it is checked against :func:`load_hparams`.
+    """
+    cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    text = cfg.get("text_config") or cfg
+    archs = cfg.get("architectures") or text.get("architectures") or []
+    return HParams(dict(text), archs[0] if archs else "", str(text.get("model_type", "")))
 
 
 # ---------------------------------------------------------------------------
@@ -282,11 +295,25 @@ class ArchSpec:
 
     def transform(self, name: str, data: np.ndarray, hp: HParams) -> np.ndarray:
         """Apply this architecture's tensor changes to an HF tensor (float32) named ``name``."""
+        order = self.row_order(name, data.shape[0], hp)
+        if order is not None:
+            data = data[order]
+        return self.transform_values(name, data)
+
+    def row_order(self, name: str, n_rows: int, hp: HParams) -> np.ndarray | None:
+        """Output row i is HF row ``order[i]`` (llama's Q/K permutation), or None: rows stay in place.
+
+        Separate from :meth:`transform` so a tensor can be produced a row chunk at a time.
+        """
         if self.permute_qk:
             if name.endswith(("q_proj.weight", "q_proj.bias")):
-                data = permute_rows(data, hp.n_head)
-            elif name.endswith(("k_proj.weight", "k_proj.bias")):
-                data = permute_rows(data, hp.n_head_kv)
+                return permute_rows(np.arange(n_rows), hp.n_head)
+            if name.endswith(("k_proj.weight", "k_proj.bias")):
+                return permute_rows(np.arange(n_rows), hp.n_head_kv)
+        return None
+
+    def transform_values(self, name: str, data: np.ndarray) -> np.ndarray:
+        """The element-wise part of :meth:`transform` (Gemma's norm + 1): applies to any row chunk."""
         if self.norm_shift and name.endswith("norm.weight"):
             data = data + np.float32(self.norm_shift)
         return data

@@ -133,51 +133,34 @@ def _paths(cfg: ExportConfig, src: Source, quant: str) -> tuple[Path, Path | Non
 def run(cfg: ExportConfig) -> ExportResult:
     """Export ``cfg.source`` as GGUF + Modelfile and verify it; returns what was written."""
     from common.export.arch import load_hparams, spec_for
-    from common.export.gguf_file import default_quant, n_params, write_gguf
+    from common.export.gguf_file import confirm_tensors, default_quant, n_params, write_gguf
     from common.export.lora_gguf import scaling_note, write_lora_gguf
     from common.export.merge import load_adapter, open_merged
-    from common.export.tokenizer import build_vocab
-    from common.models import load_tokenizer
-    from common.prompts import ChatFormatter
 
     src = resolve_source(cfg.source)
     name = cfg.name or src.name
     notes: list[str] = []
-    hp = load_hparams(src.base_dir)
-    spec = spec_for(hp)
-    adapter = load_adapter(src.adapter_dir) if src.adapter_dir else None
-    merged = open_merged(src.base_dir, None if cfg.adapter_only else src.adapter_dir)
-    if cfg.quant:
-        quant = cfg.quant
-    else:
-        quant, reason = default_quant(n_params(merged))
-        print(f"quant: {reason}")
-    gguf_path, adapter_path = _paths(cfg, src, quant)
-
-    tokenizer = load_tokenizer(src.base_dir)
+    # Merging and quantizing start first, on worker threads, and run beside the loading of
+    # transformers and the tokenizer below (seconds of single-threaded Python).
+    merged, tensors = _head_start(cfg, src)
     try:
-        formatter = ChatFormatter(tokenizer, template=src.template_override, system_prompt=src.system)
-    except UserError as exc:
-        formatter = None
-        notes.append(f"no chat template ({exc.message}): no TEMPLATE in the Modelfile, prompts not verified")
-    eot = formatter.stop_tokens[0] if formatter and formatter.stop_tokens else None
-    starts_special = None
-    if formatter is not None:  # does a rendered prompt begin with a special token (or BOS)?
-        first = formatter.tokenizer.encode(formatter.prompt_text([{"role": "user", "content": "x"}]),
-                                           add_special_tokens=False)[:1]
-        starts_special = formatter.add_bos or bool(first and first[0] in formatter.tokenizer.all_special_ids
-                                                   + list(formatter.tokenizer.added_tokens_decoder))
-    embed = next(n for n in merged.names if n.endswith("embed_tokens.weight"))
-    vocab = build_vocab(src.base_dir, merged.info(embed).shape[0], chat_template=formatter.template if formatter else None,
-                        eot_token=eot, pre_override=cfg.pre, add_space_prefix=spec.add_space_prefix,
-                        prompts_start_special=starts_special)
-    if formatter is not None and vocab.add_bos != formatter.add_bos:
-        # Training tokenized through ChatFormatter: llama.cpp must add a BOS exactly when it did.
-        notes.append(f"BOS: tokenizer.encode {'adds' if vocab.add_bos else 'does not add'} one, training "
-                     f"{'did' if formatter.add_bos else 'did not'}; the GGUF follows training")
-        vocab.add_bos = formatter.add_bos
-
-    result_gguf = write_gguf(merged, hp, spec, vocab, gguf_path, quant, name=name)
+        hp = load_hparams(src.base_dir)
+        spec = spec_for(hp)
+        adapter = load_adapter(src.adapter_dir) if src.adapter_dir else None
+        if merged is None:
+            merged = open_merged(src.base_dir, None if cfg.adapter_only else src.adapter_dir)
+        if cfg.quant:
+            quant = cfg.quant
+        else:
+            quant, reason = default_quant(n_params(merged))
+            print(f"quant: {reason}")
+        gguf_path, adapter_path = _paths(cfg, src, quant)
+        tensors = confirm_tensors(tensors, merged, hp, spec, quant)
+        vocab, formatter = _vocab_and_formatter(cfg, src, spec, merged, notes)
+        result_gguf = write_gguf(merged, hp, spec, vocab, gguf_path, quant, name=name, tensors=tensors)
+    finally:
+        if tensors is not None:
+            tensors.close()
     print(f"wrote {result_gguf.path} ({result_gguf.path.stat().st_size / 2**20:.1f} MiB, {quant})")
     if adapter_path is not None:
         if adapter is None:
@@ -198,6 +181,51 @@ def run(cfg: ExportConfig) -> ExportResult:
     if cfg.ollama_create:
         ollama_create(ollama_name, modelfile, held_rows, notes)
     return ExportResult(gguf_path, modelfile, quant, adapter_path, report, notes)
+
+
+def _head_start(cfg: ExportConfig, src: Source):
+    """(merged model, tensor job started from config.json), or (None, None) when that fails:
+    the normal path then opens the model again and reports what is wrong."""
+    from common.export.gguf_file import default_quant, n_params, start_tensors_early
+    from common.export.merge import open_merged
+
+    try:
+        merged = open_merged(src.base_dir, None if cfg.adapter_only else src.adapter_dir)
+        quant = cfg.quant or default_quant(n_params(merged))[0]
+    except Exception:  # a head start only: the normal path below opens it again and reports the problem
+        return None, None
+    return merged, start_tensors_early(src.base_dir, merged, quant)
+
+
+def _vocab_and_formatter(cfg: ExportConfig, src: Source, spec, merged, notes: list[str]):
+    """The GGUF vocabulary and the chat formatter training used (None without a chat template)."""
+    from common.export.tokenizer import build_vocab
+    from common.models import load_tokenizer
+    from common.prompts import ChatFormatter
+
+    tokenizer = load_tokenizer(src.base_dir)
+    try:
+        formatter = ChatFormatter(tokenizer, template=src.template_override, system_prompt=src.system)
+    except UserError as exc:
+        formatter = None
+        notes.append(f"no chat template ({exc.message}): no TEMPLATE in the Modelfile, prompts not verified")
+    eot = formatter.stop_tokens[0] if formatter and formatter.stop_tokens else None
+    starts_special = None
+    if formatter is not None:  # does a rendered prompt begin with a special token (or BOS)?
+        first = formatter.tokenizer.encode(formatter.prompt_text([{"role": "user", "content": "x"}]),
+                                           add_special_tokens=False)[:1]
+        starts_special = formatter.add_bos or bool(first and first[0] in formatter.tokenizer.all_special_ids
+                                                   + list(formatter.tokenizer.added_tokens_decoder))
+    embed = next(n for n in merged.names if n.endswith("embed_tokens.weight"))
+    vocab = build_vocab(src.base_dir, merged.info(embed).shape[0], chat_template=formatter.template if formatter else None,
+                        eot_token=eot, pre_override=cfg.pre, add_space_prefix=spec.add_space_prefix,
+                        prompts_start_special=starts_special, tokenizer=tokenizer)
+    if formatter is not None and vocab.add_bos != formatter.add_bos:
+        # Training tokenized through ChatFormatter: llama.cpp must add a BOS exactly when it did.
+        notes.append(f"BOS: tokenizer.encode {'adds' if vocab.add_bos else 'does not add'} one, training "
+                     f"{'did' if formatter.add_bos else 'did not'}; the GGUF follows training")
+        vocab.add_bos = formatter.add_bos
+    return vocab, formatter
 
 
 def write_modelfile(gguf_path: Path, adapter_path: Path | None, src: Source, formatter, add_bos: bool,

@@ -1,6 +1,7 @@
 """Write a model GGUF with gguf-py, streamed: plan every tensor's name, shape and type,
-write header + metadata + tensor infos, then produce each tensor (merge -> architecture
-transform -> quantize) and append it. Peak memory is about one tensor.
+write header + metadata + tensor infos, then append each tensor's data as worker threads
+make it (merge -> architecture transform -> quantize, in row chunks: ``tensor_stream``).
+Peak memory is bounded by the chunks in flight, whatever the model size.
 
 Types in Python (``gguf.quants``): f32, f16, bf16, q8_0, q4_0. K-quants (q4_k_m, ...)
 go through llama.cpp's own quantizer (``llama_model_quantize`` from llama-cpp-python)
@@ -16,16 +17,28 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import gguf
 import numpy as np
 
 from common.errors import UserError
-from common.export.arch import ArchSpec, HParams
+from common.export.arch import ArchSpec, HParams, read_config_json, spec_for
 from common.export.merge import MergedModel
+from common.export.tensor_stream import (
+    CHUNK_ELEMS,
+    Chunk,
+    ChunkMaker,
+    OrderedWork,
+    StreamedTensor,
+    WriteBehind,
+    plan_chunks,
+    worker_count,
+)
 from common.export.tokenizer import GGUFVocab
 from common.io import atomic_path, free_bytes
 
@@ -128,15 +141,86 @@ def plan_tensors(merged: MergedModel, spec: ArchSpec, hp: HParams, quant: str) -
     return plan
 
 
-def _tensor_data(p: Planned, merged: MergedModel, spec: ArchSpec, hp: HParams) -> np.ndarray:
-    if p.data is not None:
-        data = p.data.astype(np.float32)
-    else:
-        assert p.source is not None
-        data = spec.transform(p.source, merged.float32(p.source), hp)
-    out = gguf.quants.quantize(data, p.qtype)
-    assert out.nbytes == p.nbytes, f"{p.name}: {out.nbytes} bytes, planned {p.nbytes}"
-    return out
+def python_quant(quant: str, merged: MergedModel) -> str:
+    """The type written in Python for ``quant``: itself, or for a K-quant llama.cpp's input (bf16/f16)."""
+    if quant in PY_QUANTS:
+        return quant
+    return "bf16" if {merged.info(n).dtype for n in merged.names} == {"BF16"} else "f16"
+
+
+@dataclass
+class TensorJob:
+    """The planned tensors of one GGUF, and the worker threads already making their data."""
+
+    quant: str  # a PY_QUANTS type
+    plan: list[Planned]
+    chunks: list[Chunk]
+    work: OrderedWork
+    hp: HParams  # what the plan was made from
+    spec: ArchSpec
+
+    def tensors(self) -> Iterator[StreamedTensor]:
+        """Each planned tensor in order, its data streamed chunk by chunk as the workers make it."""
+        results = self.work.results()
+        counts = Counter(c.tensor for c in self.chunks)
+        write_behind = WriteBehind()
+        for i, p in enumerate(self.plan):
+            yield StreamedTensor(p.nbytes, islice(results, counts[i]), write_behind)
+
+    def close(self) -> None:
+        self.work.close()
+
+
+def start_tensors(merged: MergedModel, hp: HParams, spec: ArchSpec, quant: str, *, workers: int | None = None,
+                  chunk_elems: int = CHUNK_ELEMS) -> TensorJob:
+    """Plan the GGUF's tensors for ``quant`` and start making their data on ``workers`` threads
+    (default: one per available CPU). Close the job (``write_gguf`` does) to stop them."""
+    quant = python_quant(quant, merged)
+    plan = plan_tensors(merged, spec, hp, quant)
+    chunks = plan_chunks(plan, chunk_elems)
+    work = OrderedWork(chunks, ChunkMaker(plan, chunks, merged, spec, hp), workers=workers or worker_count())
+    return TensorJob(quant, plan, chunks, work, hp, spec)
+
+
+def start_tensors_early(model_dir: str | Path, merged: MergedModel, quant: str) -> TensorJob | None:
+    """:func:`start_tensors` planned from config.json as written, before transformers is loaded.
+
+    A head start: loading transformers takes seconds (it imports torch for any config), and
+    the tensor work can run meanwhile. :func:`confirm_tensors` keeps the job only if the real
+    hyper-parameters plan exactly the same work. None when config.json alone cannot plan it.
+    """
+    try:
+        hp = read_config_json(model_dir)
+        return start_tensors(merged, hp, spec_for(hp), quant)
+    except Exception:  # config.json alone does not plan it: no head start; the normal path reports problems
+        return None
+
+
+def confirm_tensors(job: TensorJob | None, merged: MergedModel, hp: HParams, spec: ArchSpec,
+                    quant: str) -> TensorJob:
+    """``job`` if it makes exactly what ``start_tensors(merged, hp, spec, quant)`` would, else that
+    (``job`` closed): the same plan (names, shapes, types, sources, generated data) and row orders."""
+    if job is not None:
+        if _same_work(job, merged, hp, spec, quant):
+            return job
+        job.close()
+    return start_tensors(merged, hp, spec, quant)
+
+
+def _same_work(job: TensorJob, merged: MergedModel, hp: HParams, spec: ArchSpec, quant: str) -> bool:
+    if job.spec is not spec or job.quant != python_quant(quant, merged):
+        return False
+    plan = plan_tensors(merged, spec, hp, job.quant)
+    if [(p.name, p.shape, p.qtype, p.source) for p in plan] != [(p.name, p.shape, p.qtype, p.source) for p in job.plan]:
+        return False
+    for p, q in zip(plan, job.plan, strict=True):
+        if (p.data is None) != (q.data is None) or (p.data is not None and not np.array_equal(p.data, q.data)):
+            return False
+        if p.source is not None:
+            mine, theirs = spec.row_order(p.source, p.shape[0], hp), spec.row_order(p.source, p.shape[0], job.hp)
+            if (mine is None) != (theirs is None) or (mine is not None and not np.array_equal(mine, theirs)):
+                return False
+    return True
 
 
 def n_params(merged: MergedModel) -> int:
@@ -177,33 +261,42 @@ def _metadata(w: gguf.GGUFWriter, hp: HParams, spec: ArchSpec, vocab: GGUFVocab,
 
 def write_gguf_python(merged: MergedModel, hp: HParams, spec: ArchSpec, vocab: GGUFVocab, out: Path, quant: str,
                       *, name: str, progress: bool = True,
-                      open_writer: Callable[..., gguf.GGUFWriter] = gguf.GGUFWriter) -> GGUFResult:
-    """Write ``merged`` as a GGUF of a Python-quantized type at ``out`` (atomically)."""
+                      open_writer: Callable[..., gguf.GGUFWriter] = gguf.GGUFWriter,
+                      tensors: TensorJob | None = None) -> GGUFResult:
+    """Write ``merged`` as a GGUF of a Python-quantized type at ``out`` (atomically).
+
+    ``tensors``: a job from :func:`start_tensors` (already working); closed here either way.
+    """
     from rich.progress import track
 
-    plan = plan_tensors(merged, spec, hp, quant)
-    if len(vocab.tokens) != plan_vocab_rows(plan):
-        raise UserError(f"tokenizer has {len(vocab.tokens)} tokens but token_embd has {plan_vocab_rows(plan)} rows")
-    total = sum(p.nbytes for p in plan)
-    check_space(out, total + sum(len(t) for t in vocab.tokens) * 2)
-    writer = open_writer(path=None, arch=spec.gguf_name)
-    _metadata(writer, hp, spec, vocab, name, PY_QUANTS[quant][1])
-    for p in plan:
-        raw_shape = gguf.quant_shape_to_byte_shape(p.shape, p.qtype) if p.qtype not in (Q.F32, Q.F16) else p.shape
-        np_dtype = {Q.F32: np.float32, Q.F16: np.float16}.get(p.qtype, np.uint8)
-        writer.add_tensor_info(p.name, raw_shape, np.dtype(np_dtype), p.nbytes, raw_dtype=p.qtype)
+    job = tensors if tensors is not None else start_tensors(merged, hp, spec, quant)
     try:
+        assert job.quant == quant, f"tensor job for {job.quant}, writing {quant}"
+        plan = job.plan
+        if len(vocab.tokens) != plan_vocab_rows(plan):
+            raise UserError(f"tokenizer has {len(vocab.tokens)} tokens but token_embd has {plan_vocab_rows(plan)} rows")
+        total = sum(p.nbytes for p in plan)
+        check_space(out, total + sum(len(t) for t in vocab.tokens) * 2)
+        writer = open_writer(path=None, arch=spec.gguf_name)
+        _metadata(writer, hp, spec, vocab, name, PY_QUANTS[quant][1])
+        for p in plan:
+            raw_shape = gguf.quant_shape_to_byte_shape(p.shape, p.qtype) if p.qtype not in (Q.F32, Q.F16) else p.shape
+            np_dtype = {Q.F32: np.float32, Q.F16: np.float16}.get(p.qtype, np.uint8)
+            writer.add_tensor_info(p.name, raw_shape, np.dtype(np_dtype), p.nbytes, raw_dtype=p.qtype)
         with atomic_path(out) as tmp:
             try:
                 writer.write_header_to_file(path=tmp)
                 writer.write_kv_data_to_file()
                 writer.write_ti_data_to_file()
-                for p in track(plan, description=f"writing {out.name}", disable=not progress, transient=True):
-                    writer.write_tensor_data(_tensor_data(p, merged, spec, hp))
+                for data in track(job.tensors(), total=len(plan), description=f"writing {out.name}",
+                                  disable=not progress, transient=True):
+                    writer.write_tensor_data(data)
             finally:
                 writer.close()
     except OSError as exc:
         raise write_error(out, exc) from None
+    finally:
+        job.close()
     return GGUFResult(out, quant, len(plan), total)
 
 
@@ -242,22 +335,27 @@ def quantize_with_llama_cpp(src: Path, out: Path, quant: str, threads: int | Non
 
 
 def write_gguf(merged: MergedModel, hp: HParams, spec: ArchSpec, vocab: GGUFVocab, out: str | Path, quant: str,
-               *, name: str, progress: bool = True) -> GGUFResult:
-    """Write the GGUF at ``out`` in ``quant`` (Python types directly, K-quants via llama.cpp)."""
+               *, name: str, progress: bool = True, tensors: TensorJob | None = None) -> GGUFResult:
+    """Write the GGUF at ``out`` in ``quant`` (Python types directly, K-quants via llama.cpp).
+
+    ``tensors``: ``start_tensors(merged, hp, spec, quant)``, started early so the tensor
+    work overlaps the caller's; closed here either way.
+    """
     out = Path(out)
     if quant in PY_QUANTS:
-        return write_gguf_python(merged, hp, spec, vocab, out, quant, name=name, progress=progress)
-    if quant not in LLAMA_CPP_QUANTS:
-        raise UserError(f"--quant {quant!r}: choose one of {', '.join(QUANTS)}")
-    if not llama_cpp_available():
-        quantize_with_llama_cpp(out, out, quant)  # raises the UserError that says how to get it
-    src_dtypes = {merged.info(n).dtype for n in merged.names}
-    inter_quant = "bf16" if src_dtypes == {"BF16"} else "f16"
+        return write_gguf_python(merged, hp, spec, vocab, out, quant, name=name, progress=progress, tensors=tensors)
+    inter_quant = python_quant(quant, merged)
     inter = out.with_name(f".{out.name}.{inter_quant}.tmp")
     try:
-        write_gguf_python(merged, hp, spec, vocab, inter, inter_quant, name=name, progress=progress)
+        if quant not in LLAMA_CPP_QUANTS:
+            raise UserError(f"--quant {quant!r}: choose one of {', '.join(QUANTS)}")
+        if not llama_cpp_available():
+            quantize_with_llama_cpp(out, out, quant)  # raises the UserError that says how to get it
+        write_gguf_python(merged, hp, spec, vocab, inter, inter_quant, name=name, progress=progress, tensors=tensors)
         check_space(out, inter.stat().st_size // 2)
         quantize_with_llama_cpp(inter, out, quant)
     finally:
         inter.unlink(missing_ok=True)
+        if tensors is not None:
+            tensors.close()
     return GGUFResult(out, quant, len(plan_tensors(merged, spec, hp, "f16")), out.stat().st_size)

@@ -18,18 +18,19 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from common.errors import UserError
-from common.export.st_io import SafeTensorsFile, SafeTensorsModel, TensorInfo, iter_chunks
+from common.export.st_io import SafeTensorsFile, SafeTensorsModel, TensorInfo, iter_chunks, to_float32
 
 PREFIX = "base_model.model."
 # Tensors the base checkpoint may carry that are never weights of the model.
 SKIP_SUFFIXES = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
+RowSelection = slice | np.ndarray  # rows of a tensor: a range, or row indices (a permutation)
 
 
 @dataclass
@@ -243,20 +244,70 @@ class MergedModel:
 
     def float32(self, name: str) -> np.ndarray:
         """The merged tensor ``name`` as a new float32 array."""
+        read = self.row_reader(name)
+        if read is None:  # DoRA on a Conv1D layout: whole tensor
+            a = self.adapter
+            assert a is not None
+            return self._dora_conv1d(self.base.float32(self._extra.get(name, name)), a.deltas[name])
+        shape = self.info(name).shape
+        if len(shape) != 2:
+            return read(slice(None))
+        out = np.empty(shape, dtype=np.float32)
+        for i, j in iter_chunks(shape[0], shape[1]):  # peak extra memory: one chunk
+            out[i:j] = read(slice(i, j))
+        return out
+
+    def row_reader(self, name: str) -> Callable[[RowSelection], np.ndarray] | None:
+        """A function giving rows ``sel`` (a slice or row indices) of merged tensor ``name`` as float32.
+
+        Rows of a merge are independent (LoRA adds rows of B@A, DoRA normalises each output
+        row), so a tensor can be produced a row chunk at a time, in any order. None for DoRA
+        on a Conv1D (fan_in_fan_out) layout, whose norms run down columns: use :meth:`float32`.
+        """
         a = self.adapter
         if a is not None and name in a.replacements:
-            return a.file.float32(a.replacements[name])
-        if name in self._extra:
-            if a is not None and name in a.deltas:  # a LoRA on an (untied) lm_head
-                return self._apply(name, self.base.float32(self._extra[name]), a.deltas[name])
-            return self.base.float32(self._extra[name])
-        w = self.base.float32(name)
-        if a is not None and name in a.deltas:
-            return self._apply(name, w, a.deltas[name])
-        bias_delta = self._bias_delta(name)
-        if bias_delta is not None:
-            w += bias_delta
-        return w
+            f, key = a.file, a.replacements[name]
+            return lambda sel: to_float32(f.raw(key)[sel], f.tensors[key].dtype)
+        src = self._extra.get(name, name)
+        raw, dtype = self.base.raw(src), self.base.info(src).dtype
+        d = a.deltas.get(name) if a is not None else None
+        if d is None:
+            bias_delta = self._bias_delta(name)
+            if bias_delta is None:
+                return lambda sel: to_float32(raw[sel], dtype)
+            return lambda sel: to_float32(raw[sel], dtype) + bias_delta[sel]
+        assert a is not None and d.A is not None and d.B is not None
+        if a.fan_in_fan_out and d.magnitude is not None:
+            return None
+        A, B = a.file.float32(d.A), a.file.float32(d.B)
+        s = np.float32(d.scaling)
+        if d.embedding or a.fan_in_fan_out:
+            # embedding (vocab, dim) with A (r, vocab), B (dim, r); Conv1D weight (in, out): delta = (B @ A).T
+            At, Bt = np.ascontiguousarray(A.T), np.ascontiguousarray(B.T)
+
+            def transposed_rows(sel: RowSelection) -> np.ndarray:
+                w = to_float32(raw[sel], dtype)
+                t = At[sel] @ Bt
+                t *= s
+                w += t
+                return w
+
+            return transposed_rows
+        m = a.file.float32(d.magnitude) if d.magnitude is not None else None
+        if m is not None and m.shape != (raw.shape[0],):
+            raise UserError(f"{d.module}: DoRA magnitude has shape {m.shape}, expected ({raw.shape[0]},)")
+
+        def lora_rows(sel: RowSelection) -> np.ndarray:
+            w = to_float32(raw[sel], dtype)
+            t = B[sel] @ A  # (rows, in) part of the update
+            t *= s
+            w += t
+            if m is not None:  # DoRA: each output row of W + sBA rescaled to its learned magnitude (as peft)
+                norm = np.linalg.norm(w.astype(np.float64), axis=1).astype(np.float32)
+                w *= (m[sel] / norm)[:, None]
+            return w
+
+        return lora_rows
 
     def _bias_delta(self, name: str) -> np.ndarray | None:
         """lora_bias: the base bias gains ``s * lora_B.bias``."""
@@ -268,33 +319,12 @@ class MergedModel:
             return None
         return a.file.float32(d.B_bias) * np.float32(d.scaling)
 
-    def _apply(self, name: str, w: np.ndarray, d: ModuleDelta) -> np.ndarray:
-        """Add the scaled low-rank update to ``w`` in place, row chunk by row chunk."""
+    def _dora_conv1d(self, w: np.ndarray, d: ModuleDelta) -> np.ndarray:
+        """DoRA on a Conv1D layout (weight (in, out)): merged on the transposed weight, whole."""
         a = self.adapter
-        assert a is not None and d.A is not None and d.B is not None
+        assert a is not None and d.A is not None and d.B is not None and d.magnitude is not None
         A, B = a.file.float32(d.A), a.file.float32(d.B)
-        s = np.float32(d.scaling)
-        if d.embedding:  # weight (vocab, dim); A (r, vocab), B (dim, r): delta = (B @ A).T
-            for i, j in iter_chunks(w.shape[0], w.shape[1]):
-                t = A[:, i:j].T @ B.T
-                t *= s
-                w[i:j] += t
-            return w
-        if a.fan_in_fan_out:  # Conv1D layout: weight (in, out), delta = (B @ A).T
-            if d.magnitude is not None:
-                return self._dora(w.T.copy(), A, B, s, a.file.float32(d.magnitude)).T.copy()
-            for i, j in iter_chunks(w.shape[0], w.shape[1]):
-                t = A[:, i:j].T @ B.T
-                t *= s
-                w[i:j] += t
-            return w
-        if d.magnitude is not None:
-            return self._dora(w, A, B, s, a.file.float32(d.magnitude))
-        for i, j in iter_chunks(w.shape[0], w.shape[1]):
-            t = B[i:j] @ A  # (rows, in) chunk of the update: peak extra memory is one chunk
-            t *= s
-            w[i:j] += t
-        return w
+        return self._dora(w.T.copy(), A, B, np.float32(d.scaling), a.file.float32(d.magnitude)).T.copy()
 
     @staticmethod
     def _dora(w: np.ndarray, A: np.ndarray, B: np.ndarray, s: np.float32, m: np.ndarray) -> np.ndarray:

@@ -226,17 +226,20 @@ def metaspace_scheme(model_dir: Path) -> str | None:
 
 def build_vocab(model_dir: str | Path, n_vocab: int, *, chat_template: str | None = None,
                 eot_token: str | None = None, pre_override: str | None = None,
-                add_space_prefix: bool | None = None, prompts_start_special: bool | None = None) -> GGUFVocab:
+                add_space_prefix: bool | None = None, prompts_start_special: bool | None = None,
+                tokenizer=None) -> GGUFVocab:
     """The GGUF tokenizer of the HF model at ``model_dir`` with ``n_vocab`` rows of embeddings.
 
     ``chat_template`` is embedded as ``tokenizer.chat_template``; ``eot_token`` (the
     template's end-of-turn token, e.g. ``<|im_end|>``) is recorded as the EOT id.
+    ``tokenizer``: the model's transformers tokenizer when the caller has loaded it already.
     """
     from common.models import load_tokenizer
 
     model_dir = Path(model_dir)
     kind = _tokenizer_kind(model_dir)
-    tokenizer = load_tokenizer(model_dir)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model_dir)
     if max(tokenizer.get_vocab().values()) >= n_vocab:
         raise UserError(f"{model_dir}: tokenizer has ids up to {max(tokenizer.get_vocab().values())} but the "
                         f"embedding has only {n_vocab} rows")
