@@ -219,3 +219,30 @@ def test_varlen_implementation_falls_through_to_sdpa_without_segments(tiny_model
             out[impl] = model(input_ids=ids, attention_mask=mask).logits
     a, b = out.values()
     assert torch.equal(a, b)
+
+
+def test_cpu_batches_run_in_row_groups_with_the_same_gradients(tiny_model_dir):
+    # On the CPU a batch wider than CPU_TOKENS_PER_PASS runs in row groups (less activation memory);
+    # the summed loss and the update must equal one pass over the whole batch.
+    from common.train import backend as contract
+
+    rows = [[Example(list(range(5 + k, 5 + k + n)), [0] * 3 + [1] * (n - 3))] for k, n in enumerate((70, 52, 66, 9))]
+    batch = make_batch(rows, 0)
+    assert contract.rows_per_pass(4, len(batch.input_ids[0]), "cpu") == 1
+    assert contract.rows_per_pass(4, len(batch.input_ids[0]), "cuda") == 4
+    part = batch.rows(3, 4)
+    assert len(part.input_ids[0]) == 9 and part.n_tokens == 9 and part.n_supervised == 6  # trimmed to its row
+    results = []
+    default = contract.CPU_TOKENS_PER_PASS
+    for budget in (default, 10**6):
+        contract.CPU_TOKENS_PER_PASS = budget
+        try:
+            b = backend_for(tiny_model_dir)
+            assert len(b._passes(batch)) == (4 if budget == default else 1)
+            loss = b.forward_backward(batch, 1 / batch.n_supervised)
+            b.optimizer_step(1e-2, 1.0)
+            results.append((loss, b.eval_loss(batch)[0]))
+        finally:
+            contract.CPU_TOKENS_PER_PASS = default
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-6)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from common.errors import UserError
-from common.train.backend import BackendInfo, Batch, StepStats
+from common.train.backend import BackendInfo, Batch, StepStats, rows_per_pass
 from torch_ft import device as devices
 from torch_ft import kernels
 from torch_ft import state as states
@@ -81,16 +81,27 @@ class TorchBackend:
 
     def forward_backward(self, batch: Batch, scale: float) -> float:
         self._train_mode(True)
-        inputs, loss_mask = self._inputs(batch)
-        with devices.autocast(self.prec):
-            loss_sum, _ = supervised_loss(self.causal_lm, inputs, loss_mask)
-        value = float(loss_sum.detach())
-        if not math.isfinite(value):
-            self._nonfinite = True  # gradients would be NaN too; the step will be skipped
-            return value
-        loss = loss_sum * scale
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        return value
+        total = 0.0
+        for part in self._passes(batch):
+            inputs, loss_mask = self._inputs(part)
+            with devices.autocast(self.prec):
+                loss_sum, _ = supervised_loss(self.causal_lm, inputs, loss_mask)
+            value = float(loss_sum.detach())
+            total += value
+            if not math.isfinite(value):
+                self._nonfinite = True  # gradients would be NaN too; the step will be skipped
+                return total
+            loss = loss_sum * scale
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        return total
+
+    def _passes(self, batch: Batch) -> list[Batch]:
+        """The batch in row groups (``common.train.backend.rows_per_pass``: on the CPU only)."""
+        rows = len(batch.input_ids)
+        per = rows_per_pass(rows, len(batch.input_ids[0]) if rows else 0, self.prec.kind)
+        if per >= rows:
+            return [batch]
+        return [batch.rows(i, i + per) for i in range(0, rows, per)]
 
     def optimizer_step(self, lr: float, max_grad_norm: float, skip: bool = False) -> StepStats:
         for group in self.optimizer.param_groups:

@@ -13,6 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+# On the CPU the torch backend runs a batch's forward and backward in groups of rows of at
+# most this many positions (one row when rows are longer): gradients add up, so the step is
+# the same, and activation memory is that of one group. A pass of ~100 positions already
+# keeps two cores busy; measured in bench/RESULTS.md (SmolLM2-135M on data/).
+CPU_TOKENS_PER_PASS = 128
+
+
+def rows_per_pass(rows: int, width: int, device_kind: str) -> int:
+    """How many rows of ``width`` positions the torch backend runs per forward/backward."""
+    if device_kind != "cpu" or rows * width <= CPU_TOKENS_PER_PASS:
+        return rows
+    return max(1, CPU_TOKENS_PER_PASS // max(1, width))
+
 
 @dataclass
 class Batch:
@@ -31,6 +44,15 @@ class Batch:
     position_ids: list[list[int]]
     n_tokens: int  # real (non-padding) tokens
     n_supervised: int  # tokens that are loss targets (mask == 1, excluding each row's first token)
+
+    def rows(self, start: int, stop: int) -> Batch:
+        """Rows ``start:stop`` as a batch of their own, trimmed to the longest of them."""
+        seg = self.segment_ids[start:stop]
+        width = max((max((t + 1 for t, s in enumerate(r) if s), default=0) for r in seg), default=0)
+        mask = [r[:width] for r in self.loss_mask[start:stop]]
+        return Batch([r[:width] for r in self.input_ids[start:stop]], mask, [r[:width] for r in seg],
+                     [r[:width] for r in self.position_ids[start:stop]],
+                     n_tokens=sum(1 for r in seg for s in r if s), n_supervised=sum(map(sum, mask)))
 
 
 @dataclass

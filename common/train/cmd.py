@@ -141,12 +141,17 @@ def _preflight(cfg: TrainConfig, resolved, longest: int, backend: str, console) 
     import json
 
     from common.models import memory
+    from common.train.backend import rows_per_pass
 
     model_config = json.loads((Path(resolved.path) / "config.json").read_text(encoding="utf-8"))
     device, dtype_bytes = _device_and_dtype_bytes(cfg, backend)
+    seq_len = cfg.max_seq_length if cfg.packing else longest
+    rows = cfg.batch_size
+    if backend == "torch":  # on the CPU it trains a batch in row groups: activations of one group
+        rows = rows_per_pass(rows, seq_len, device.split(":")[0])
     est = memory.preflight(model_config, backend=backend, device=device, dtype_bytes=dtype_bytes,
                            load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r, targets=cfg.targets,
-                           batch_size=cfg.batch_size, seq_len=cfg.max_seq_length if cfg.packing else longest,
+                           batch_size=rows, seq_len=seq_len,
                            grad_checkpoint=cfg.grad_checkpoint, num_layers=cfg.num_layers)
     console.print(f"[dim]memory estimate: {est.describe()}[/]")
 
