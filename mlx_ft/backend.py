@@ -2,8 +2,11 @@
 
 Implements :class:`common.train.backend.Backend`; the shared loop owns data order,
 schedule, evaluation and checkpoints. The training step is compiled (``mx.compile``):
-one function computes loss and gradients of a micro-batch, another clips and applies
-AdamW; gradients of the micro-batches of a step are summed between the two.
+one function computes loss and gradients of a micro-batch (loss at the supervised positions
+only, :mod:`mlx_ft.loss`), another clips, applies AdamW and keeps the old values when the
+gradient norm is not finite. Only the loss is read back after the forward pass; the
+backward pass, the clipping and the update of a step are evaluated together as one graph
+(gradients of several micro-batches are summed in between).
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ from common.errors import UserError
 from common.io import atomic_path, write_json
 from common.train.backend import BackendInfo, Batch, StepStats
 from mlx_ft import lora, peft_format
+from mlx_ft import loss as mlxloss
 from mlx_ft import model as mlxm
 
 OPTIMIZER_FILE = "mlx_optimizer.safetensors"
 RNG_FILE = "mlx_rng.json"
 BETAS = (0.9, 0.999)  # torch's AdamW defaults, which the torch backend uses
 EPS = 1e-8
+GPU_SHAPE_MULTIPLE = 32  # on a GPU, row width and target count are padded to multiples of this (as mlx-lm pads)
 
 
 class AdamW(optim.AdamW):
@@ -51,15 +56,14 @@ def _mix(seed: int, n: int) -> int:
     return z ^ (z >> 31)
 
 
-def _loss(model: nn.Module, inputs: mx.array, targets: mx.array, weights: mx.array, segments: mx.array | None,
-          scale: mx.array) -> tuple[mx.array, mx.array]:
-    """(scale * loss sum, loss sum): fp32 cross-entropy of the weighted targets."""
-    cache = None
-    if segments is not None:
-        cache = [mlxm.SegmentMask.for_model(model, segments)] * len(model.layers)
-    logits = model(inputs, cache=cache).astype(mx.float32)
-    total = (nn.losses.cross_entropy(logits, targets, reduction="none") * weights).sum()
-    return total * scale, total
+def _keep_where(ok: mx.array, new: dict | list, old: dict | list) -> None:
+    """In place: each array leaf of ``new`` becomes ``where(ok, new, old)`` (a nested dict/list tree)."""
+    keys = new.keys() if isinstance(new, dict) else range(len(new))
+    for k in keys:
+        if isinstance(new[k], (dict, list)):
+            _keep_where(ok, new[k], old[k])
+        elif isinstance(new[k], mx.array):
+            new[k] = mx.where(ok, new[k], old[k])
 
 
 class MLXBackend:
@@ -101,6 +105,13 @@ class MLXBackend:
         self.weight_decay = float(cfg.weight_decay)
         self.model = model
         self.rope = mlxm.uses_rope(model)
+        self.head = mlxloss.output_head(model)  # None: the loss gathers rows of the full logits
+        # Shapes rounded up for mx.compile: on a GPU a new shape costs new kernels (~0.5 s), and
+        # packed rows (nearly full anyway) all get the packing length. On the CPU, padding would
+        # cost more than a new trace.
+        gpu = mx.default_device().type == mx.gpu
+        self.shape_multiple = GPU_SHAPE_MULTIPLE if gpu else 1
+        self.packed_width = int(cfg.max_seq_length) if gpu and cfg.packing else 1
         self._new_optimizer()
         mx.eval(model.parameters())
         mx.reset_peak_memory()
@@ -116,63 +127,79 @@ class MLXBackend:
         self.optimizer = AdamW(learning_rate=0.0, betas=list(BETAS), eps=EPS, weight_decay=self.weight_decay,
                                bias_correction=True)
         self.optimizer.init(self.model.trainable_parameters())
-        self._grads = None
+        self._grads = None  # the step's summed gradients (lazy until the step or the next micro-batch)
         self._nonfinite = False
         self._build_steps()
 
     def _build_steps(self) -> None:
         """(Re)create the compiled functions; needed whenever the state trees they capture change."""
-        model, opt = self.model, self.optimizer
-        loss_and_grad = nn.value_and_grad(model, _loss)
+        model, opt, head = self.model, self.optimizer, self.head
 
-        def forward_backward(inputs, targets, weights, segments, scale):
-            (_, total), grads = loss_and_grad(model, inputs, targets, weights, segments, scale)
+        def scaled_loss(model, inputs, segments, picks, targets, weights, scale):
+            total = mlxloss.loss_sum(model, head, inputs, segments, picks, targets, weights)
+            return total * scale, total
+
+        loss_and_grad = nn.value_and_grad(model, scaled_loss)
+
+        def forward_backward(inputs, segments, picks, targets, weights, scale):
+            (_, total), grads = loss_and_grad(model, inputs, segments, picks, targets, weights, scale)
             return total, grads
 
-        def update(grads, norm, max_norm):
+        def update(grads, max_norm):
+            """Clip to ``max_norm``, step; a non-finite norm leaves parameters and optimizer state as they were."""
+            norm = mx.sqrt(tree_reduce(lambda acc, g: acc + g.astype(mx.float32).square().sum(), grads,
+                                       mx.array(0.0)))
+            ok = mx.isfinite(norm)
             coef = mx.minimum(max_norm / (norm + 1e-6), 1.0)  # torch's clip_grad_norm_ coefficient
+            params = model.trainable_parameters()
+            state = tree_map(lambda v: v, opt.state)  # the same arrays; update() replaces the state's leaves
             opt.update(model, tree_map(lambda g: g * coef, grads))
-
-        def grad_norm(grads):
-            return mx.sqrt(tree_reduce(lambda acc, g: acc + g.astype(mx.float32).square().sum(), grads, mx.array(0.0)))
+            model.update(tree_map(lambda new, old: mx.where(ok, new, old), model.trainable_parameters(), params))
+            _keep_where(ok, opt.state, state)
+            return norm
 
         if self.compile:
-            grad_norm = mx.compile(grad_norm)  # one fused kernel instead of two per LoRA matrix
             state = [model.state, mx.random.state]
             forward_backward = mx.compile(forward_backward, inputs=state, outputs=state)
             update = mx.compile(update, inputs=[model.state, opt.state], outputs=[model.state, opt.state])
         self._fb = forward_backward
-        self._grad_norm = grad_norm
         self._update = update
 
     # -- batches -----------------------------------------------------------------
 
-    def _views(self, batch: Batch):
-        arrays = mlxm.batch_arrays(batch)
-        self.received = arrays
+    def _views(self, batch: Batch) -> mlxloss.LossViews:
+        self.received = mlxm.batch_arrays(batch)
         packed = mlxm.is_packed(batch)
         if packed:
             if not self.rope:
                 raise UserError("--packing on MLX needs a model with rotary position embeddings "
                                 "(mlx-lm models take no position ids)")
             mlxm.check_positions(batch)
-        inputs, targets, weights, segments = mlxm.training_views(arrays)
-        return inputs, targets, weights, segments if packed else None
+        width = self.packed_width if packed else self.shape_multiple
+        return mlxloss.views(batch, self.pad_id, packed, width, self.shape_multiple)
+
+    def _mode(self, training: bool) -> None:
+        if self.model.training != training:  # train()/eval() walk every module: only on a change
+            self.model.train(training)
 
     # -- training ----------------------------------------------------------------
 
     def forward_backward(self, batch: Batch, scale: float) -> float:
-        self.model.train()
-        inputs, targets, weights, segments = self._views(batch)
+        """Runs the forward pass now (the loss is returned); the backward pass stays lazy until
+        ``optimizer_step`` or the next micro-batch, so a step of one micro-batch is one graph."""
+        self._mode(True)
+        v = self._views(batch)
+        if self._grads is not None:
+            mx.eval(self._grads)  # finish the previous micro-batch first: one batch's activations at a time
         mx.random.seed(_mix(self.seed, self.draws))  # dropout masks depend on (seed, micro-batch) only
         self.draws += 1
-        total, grads = self._fb(inputs, targets, weights, segments, mx.array(scale, dtype=mx.float32))
+        total, grads = self._fb(v.inputs, v.segments, v.picks, v.targets, v.weights,
+                                mx.array(scale, dtype=mx.float32))
         value = float(total)
         if not math.isfinite(value):
             self._nonfinite = True  # its gradients are NaN too; the step will be skipped
             return value
         self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
-        mx.eval(self._grads)
         return value
 
     def optimizer_step(self, lr: float, max_grad_norm: float, skip: bool = False) -> StepStats:
@@ -180,24 +207,21 @@ class MLXBackend:
         loss_finite, self._nonfinite = not self._nonfinite, False
         if skip or not loss_finite or grads is None:
             return StepStats(grad_norm=float("nan"), finite=loss_finite, skipped=True)
-        norm = self._grad_norm(grads)
-        value = float(norm)
-        if not math.isfinite(value):
-            return StepStats(grad_norm=value, finite=False, skipped=True)
         self.optimizer.learning_rate = lr
         limit = max_grad_norm if max_grad_norm > 0 else math.inf
-        self._update(grads, norm, mx.array(limit, dtype=mx.float32))
-        mx.eval(self.model.trainable_parameters(), self.optimizer.state)
-        return StepStats(grad_norm=value, finite=True, skipped=False)
+        norm = self._update(grads, mx.array(limit, dtype=mx.float32))
+        mx.eval(norm, self.model.trainable_parameters(), self.optimizer.state)  # backward, clip and update: one graph
+        value = float(norm)
+        finite = math.isfinite(value)
+        return StepStats(grad_norm=value, finite=finite, skipped=not finite)
 
     def eval_loss(self, batch: Batch) -> tuple[float, int]:
-        self.model.eval()
-        inputs, targets, weights, segments = self._views(batch)
-        _, total = _loss(self.model, inputs, targets, weights, segments, mx.array(1.0))
-        count = weights.sum()
-        mx.eval(total, count)
-        self.model.train()
-        return float(total), int(count.item())
+        self._mode(False)
+        v = self._views(batch)
+        total = mlxloss.loss_sum(self.model, self.head, v.inputs, v.segments, v.picks, v.targets, v.weights)
+        value = float(total)
+        self._mode(True)
+        return value, v.count
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
         from mlx_lm.generate import generate_step

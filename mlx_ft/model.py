@@ -1,5 +1,6 @@
 """The base model on MLX: loading with mlx-lm, dtype, 4/8-bit quantisation, the
-attention mask of packed batches, gradient checkpointing, and Batch -> arrays.
+attention mask of packed batches, gradient checkpointing, and Batch -> arrays
+(the loss's views of a batch are in :mod:`mlx_ft.loss`).
 """
 
 from __future__ import annotations
@@ -201,15 +202,3 @@ def check_positions(batch: Batch) -> None:
         n = sum(1 for s in segs if s > 0)
         if list(pos[:n]) != expected_positions(segs)[:n]:
             raise AssertionError(f"row {r}: position_ids do not restart at each segment")
-
-
-def training_views(arrays: dict[str, mx.array]) -> tuple[mx.array, mx.array, mx.array, mx.array]:
-    """(inputs, targets, weights, segments) for next-token loss: logits at t predict t+1.
-
-    A target counts when ``loss_mask[t+1] == 1`` and t+1 lies in the same (non-padding)
-    segment as t, so a packed row never predicts one example from another.
-    """
-    ids, mask, seg = arrays["input_ids"], arrays["loss_mask"], arrays["segment_ids"]
-    same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
-    weights = (mask[:, 1:] * same).astype(mx.float32)
-    return ids[:, :-1], ids[:, 1:], weights, seg[:, :-1]
