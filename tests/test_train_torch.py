@@ -228,8 +228,10 @@ def test_cpu_batches_run_in_row_groups_with_the_same_gradients(tiny_model_dir):
 
     rows = [[Example(list(range(5 + k, 5 + k + n)), [0] * 3 + [1] * (n - 3))] for k, n in enumerate((70, 52, 66, 9))]
     batch = make_batch(rows, 0)
-    assert contract.rows_per_pass(4, len(batch.input_ids[0]), "cpu") == 1
-    assert contract.rows_per_pass(4, len(batch.input_ids[0]), "cuda") == 4
+    width = len(batch.input_ids[0])
+    per = contract.rows_per_pass(4, width, "cpu")
+    assert per == max(1, contract.CPU_TOKENS_PER_PASS // width) < 4
+    assert contract.rows_per_pass(4, width, "cuda") == 4
     part = batch.rows(3, 4)
     assert len(part.input_ids[0]) == 9 and part.n_tokens == 9 and part.n_supervised == 6  # trimmed to its row
     results = []
@@ -238,7 +240,7 @@ def test_cpu_batches_run_in_row_groups_with_the_same_gradients(tiny_model_dir):
         contract.CPU_TOKENS_PER_PASS = budget
         try:
             b = backend_for(tiny_model_dir)
-            assert len(b._passes(batch)) == (4 if budget == default else 1)
+            assert len(b._passes(batch)) == (-(-4 // per) if budget == default else 1)
             loss = b.forward_backward(batch, 1 / batch.n_supervised)
             b.optimizer_step(1e-2, 1.0)
             results.append((loss, b.eval_loss(batch)[0]))

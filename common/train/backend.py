@@ -15,9 +15,10 @@ from typing import Any, Protocol, runtime_checkable
 
 # On the CPU the torch backend runs a batch's forward and backward in groups of rows of at
 # most this many positions (one row when rows are longer): gradients add up, so the step is
-# the same, and activation memory is that of one group. A pass of ~100 positions already
-# keeps two cores busy; measured in bench/RESULTS.md (SmolLM2-135M on data/).
-CPU_TOKENS_PER_PASS = 128
+# the same, and activation memory is that of one group. Measured with SmolLM2-135M on data/
+# (rows of ~100 tokens, batch 4, 2 cores; bench/RESULTS.md): 256 (two rows a pass) runs at
+# ~0.92x the speed of whole batches for ~0.84x the peak RSS; 128 (one row) at 0.71x for 0.65x.
+CPU_TOKENS_PER_PASS = 256
 
 
 def rows_per_pass(rows: int, width: int, device_kind: str) -> int:
