@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 # most this many positions (one row when rows are longer): gradients add up, so the step is
 # the same, and activation memory is that of one group. Measured with SmolLM2-135M on data/
 # (rows of ~100 tokens, batch 4, 2 cores; bench/RESULTS.md): 256 (two rows a pass) runs at
-# ~0.92x the speed of whole batches for ~0.84x the peak RSS; 128 (one row) at 0.71x for 0.65x.
+# 0.91-0.96x the speed of whole batches for ~0.83x the peak RSS; 128 (one row) at 0.71x for 0.65x.
 CPU_TOKENS_PER_PASS = 256
 
 
