@@ -6,6 +6,7 @@
 #   proof   `llm-ft train` bf16 LoRA and QLoRA runs of the 1B model (carry .benchtok)
 #   mlx     MLX-CUDA vs mlx_lm.lora (+ torch) (carry .mlxb; the call right after one that carried .mlxa)
 #   8b, 8bq 8B bf16, 8B QLoRA suites;  longest: 8B QLoRA longest batch-1 sequence, ours vs B0
+#   export  merge + GGUF of the 1B-size run vs cp on the device's 16 cores and disk (carry .whl .benchtok)
 set -o pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -36,6 +37,7 @@ case $stage in
   8b) python3 -m bench.gpu_torch --suite 8b-bf16 --steps 12 --warmup 2 --out "$OUT" 2>&1 | tee "$log" ;;
   1bx) python3 -m bench.gpu_torch --suite 1b-diag --out "$OUT" 2>&1 | tee "$log" ;;
   8bq) python3 -m bench.gpu_torch --suite 8b-qlora --steps 10 --warmup 2 --out "$OUT" 2>&1 | tee "$log" ;;
+  export) python3 -m bench.export_bench --tokenizer .benchtok --workdir /tmp/bench-export --out "$OUT" 2>&1 | tee "$log" ;;
   longest) python3 -m bench.gpu_longest --model llama-3.1-8b --lengths 16384,32768,65536,131072 --out "$OUT" 2>&1 | tee "$log" ;;
   *) echo "unknown stage $stage" ;;
 esac
