@@ -5,7 +5,7 @@ any whole rows of a tensor and gives exactly the bytes gguf-py's ``gguf.quants.q
 gives for the same rows. f32/f16/bf16/q4_0 are gguf-py's own code; q8_0 is ours because
 gguf-py's groups 16 rows at a time and rounds in four passes (5 s of a 17 s export of a 1B
 model). Ours computes the same numbers in fewer, longer numpy passes (about 4x faster);
-``tests/test_export_quantize.py`` checks it byte for byte against gguf-py on real weights.
+``tests/test_export_stream.py`` checks it byte for byte against gguf-py on real weights.
 """
 
 from __future__ import annotations

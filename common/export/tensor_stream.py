@@ -199,17 +199,20 @@ class ChunkMaker:
                  hp: HParams):
         self.plan, self.merged, self.spec, self.hp = plan, merged, spec, hp
         self._lock = threading.Lock()
-        self._open: dict[int, tuple[Callable | None, np.ndarray | None]] = {}
+        self._open: dict[int, tuple[Callable, np.ndarray | None]] = {}
         self._left: dict[int, int] = {}  # chunks not yet made, per tensor
         for c in chunks:
             self._left[c.tensor] = self._left.get(c.tensor, 0) + 1
 
-    def _reader(self, i: int) -> tuple[Callable | None, np.ndarray | None]:
+    def _reader(self, i: int) -> tuple[Callable, np.ndarray | None]:
         with self._lock:
             if i not in self._open:
                 p = self.plan[i]
                 assert p.source is not None
-                self._open[i] = (self.merged.row_reader(p.source), self.spec.row_order(p.source, p.shape[0], self.hp))
+                read = self.merged.row_reader(p.source)
+                if read is None:  # rows not computable alone (DoRA on Conv1D): merged whole, once per tensor
+                    read = self.merged.float32(p.source).__getitem__
+                self._open[i] = (read, self.spec.row_order(p.source, p.shape[0], self.hp))
             return self._open[i]
 
     def _finished(self, i: int) -> None:
@@ -224,14 +227,13 @@ class ChunkMaker:
             out = quantize_rows(p.data.astype(np.float32), p.qtype)
         else:
             assert p.source is not None
-            read, order = self._reader(chunk.tensor) if len(p.shape) == 2 else (None, None)
-            if read is None:  # 1-D, or rows not computable alone (rare: made whole, for each chunk)
-                whole = self.spec.transform(p.source, self.merged.float32(p.source), self.hp)
-                out = quantize_rows(whole[chunk.start:chunk.stop], p.qtype)
+            if len(p.shape) != 2:  # 1-D: one chunk, the whole tensor
+                out = quantize_rows(self.spec.transform(p.source, self.merged.float32(p.source), self.hp), p.qtype)
             else:
+                read, order = self._reader(chunk.tensor)
                 sel = slice(chunk.start, chunk.stop) if order is None else order[chunk.start:chunk.stop]
                 out = quantize_rows(self.spec.transform_values(p.source, read(sel)), p.qtype)
-            self._finished(chunk.tensor)
+                self._finished(chunk.tensor)
         out = np.ascontiguousarray(out)
         assert out.nbytes == chunk.nbytes, f"chunk of tensor {chunk.tensor}: {out.nbytes} bytes, planned {chunk.nbytes}"
         return out

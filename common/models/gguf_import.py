@@ -112,18 +112,8 @@ def import_gguf(path: str | os.PathLike, name: str | None = None, rename: bool =
             return wanted
         return found
     with io.atomic_dir(wanted) as tmp:
-        _convert(path, header, tmp, sha, wanted.name)
-        _share(tmp)
+        _convert(path, header, tmp, sha, wanted.name)  # atomic_dir gives the folder ordinary permissions
     return wanted
-
-
-def _share(directory: Path) -> None:
-    """Give the import ordinary permissions (mkdtemp makes 0700): a cache others may read."""
-    mask = os.umask(0)
-    os.umask(mask)
-    directory.chmod(0o777 & ~mask)
-    for p in directory.iterdir():
-        p.chmod(0o666 & ~mask)
 
 
 def _read_metadata(reader) -> dict[str, Any]:
