@@ -72,6 +72,43 @@ def test_packed_rows_give_the_unpacked_loss(backend, fmt):
     backend.optimizer_step(0.0, 1.0, skip=True)
 
 
+def test_flat_batch_is_the_padded_batch_without_padding(backend, fmt):
+    # Guards the CUDA varlen path, which runs every multi-row batch flattened: it must be the same work.
+    a = chat(fmt, "set a timer for ten minutes", '{"intent": "set_timer"}')
+    b = chat(fmt, "play some jazz", '{"intent": "play_music", "slots": {"genre": "jazz"}}')
+    c = fmt.encode(Text("The quick brown fox jumps over the lazy dog."))
+    padded = make_batch([[a, c], [b], [c]], 0)
+    flat = padded.flat()
+    assert len(flat.input_ids) == 1 and len(flat.input_ids[0]) == padded.n_tokens == len(a) + len(b) + 2 * len(c)
+    assert (flat.n_tokens, flat.n_supervised) == (padded.n_tokens, sum(map(sum, flat.loss_mask)))
+    assert flat.segment_ids[0] == [1] * len(a) + [2] * len(c) + [3] * len(b) + [4] * len(c)
+    assert flat.position_ids[0] == [*range(len(a)), *range(len(c)), *range(len(b)), *range(len(c))]
+    ref, n = backend.eval_loss(padded)
+    got, m = backend.eval_loss(flat)  # on the CPU: one packed row under a block-diagonal mask
+    assert m == n and got == pytest.approx(ref, rel=1e-5)
+
+
+def test_autocast_lora_skips_peft_input_casts_with_the_same_numbers(tiny_model_dir, fmt):
+    # Guards the dropped fp32 copy of every LoRA input under autocast: the loss and gradients must not move.
+    batch = make_batch([[chat(fmt, "set a timer for ten minutes", '{"intent": "set_timer"}')],
+                        [chat(fmt, "play some jazz", '{"intent": "play_music"}')]], 0)
+    results = []
+    for cast in (True, False):
+        b = backend_for(tiny_model_dir, dtype="bfloat16")
+        assert b.prec.autocast
+        flags = [m for m in b.model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+        assert flags and not any(m.cast_input_dtype_enabled for m in flags)
+        for m in flags:
+            m.cast_input_dtype_enabled = cast
+        loss = b.forward_backward(batch, 1.0)
+        grads = [p.grad.clone() for p in b.params if p.grad is not None]
+        assert grads and all(g.dtype == torch.float32 for g in grads)
+        results.append((loss, grads))
+    (loss_cast, g_cast), (loss_plain, g_plain) = results
+    assert loss_cast == loss_plain
+    assert all(torch.equal(a, b) for a, b in zip(g_cast, g_plain, strict=True))
+
+
 def test_no_attention_across_packed_examples(backend, fmt):
     a = chat(fmt, "set a timer for ten minutes", '{"intent": "set_timer"}')
     other = chat(fmt, "what's the weather in Paris tomorrow", '{"intent": "get_weather"}')

@@ -15,6 +15,7 @@ import torch
 
 from common.errors import UserError
 from common.train.backend import BackendInfo, Batch, StepStats, rows_per_pass
+from torch_ft import attention
 from torch_ft import device as devices
 from torch_ft import kernels
 from torch_ft import state as states
@@ -43,6 +44,12 @@ class TorchBackend:
         base = load_base(Path(model_dir), cfg, self.prec)
         kernel_note = kernels.apply(base, self.prec, getattr(cfg, "kernels", "auto"))
         self.model, targets = attach_lora(base, cfg, cfg.seed)
+        if self.prec.autocast:
+            # peft casts each LoRA layer's input to the adapter's fp32, a copy of the whole activation
+            # (and one more in backward) that autocast undoes for the matmul: the same numbers without it.
+            for module in self.model.modules():
+                if hasattr(module, "cast_input_dtype_enabled"):
+                    module.cast_input_dtype_enabled = False
         self.causal_lm = self.model.get_base_model()
         self.attn_impl = getattr(self.causal_lm.config, "_attn_implementation", "sdpa") or "sdpa"
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -70,6 +77,8 @@ class TorchBackend:
             self._mode = on
 
     def _inputs(self, batch: Batch) -> tuple[dict, torch.Tensor]:
+        if self.attn_impl == attention.ATTN_NAME and len(batch.input_ids) > 1:
+            batch = batch.flat()  # varlen attention keeps the examples apart: padding would be wasted work
         mask_dtype = self.prec.dtype if self.prec.autocast else next(self.causal_lm.parameters()).dtype
         if not mask_dtype.is_floating_point:
             mask_dtype = torch.float32
@@ -86,13 +95,14 @@ class TorchBackend:
             inputs, loss_mask = self._inputs(part)
             with devices.autocast(self.prec):
                 loss_sum, _ = supervised_loss(self.causal_lm, inputs, loss_mask)
+            loss = loss_sum * scale
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            # Read after backward: reading it before would drain the GPU's queue between forward and backward.
             value = float(loss_sum.detach())
             total += value
             if not math.isfinite(value):
-                self._nonfinite = True  # gradients would be NaN too; the step will be skipped
+                self._nonfinite = True  # its gradients are NaN too: the step will be skipped
                 return total
-            loss = loss_sum * scale
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return total
 
     def _passes(self, batch: Batch) -> list[Batch]:

@@ -55,6 +55,27 @@ class Batch:
                      [r[:width] for r in self.position_ids[start:stop]],
                      n_tokens=sum(1 for r in seg for s in r if s), n_supervised=sum(map(sum, mask)))
 
+    def flat(self) -> Batch:
+        """All rows end to end as one row without padding, segments renumbered across rows.
+
+        For attention that takes segment bounds (varlen on CUDA): the same examples, positions
+        and targets, and no position of the step is spent on padding (which a padded batch of
+        length-grouped rows still has: up to a row's length per row).
+        """
+        ids: list[int] = []
+        mask: list[int] = []
+        seg: list[int] = []
+        pos: list[int] = []
+        offset = 0
+        for r, row_seg in enumerate(self.segment_ids):
+            n = sum(1 for s in row_seg if s)  # padding is on the right
+            ids += self.input_ids[r][:n]
+            mask += self.loss_mask[r][:n]  # a segment's first token is never a target
+            seg += [offset + s for s in row_seg[:n]]
+            pos += self.position_ids[r][:n]
+            offset += max(row_seg[:n], default=0)
+        return Batch([ids], [mask], [seg], [pos], n_tokens=self.n_tokens, n_supervised=self.n_supervised)
+
 
 @dataclass
 class StepStats:
