@@ -156,39 +156,3 @@ def test_threaded_chunked_gguf_equals_single_thread_whole_tensors(tmp_path, quan
             continue
         want = gguf.quants.quantize(spec.transform(p.source, merged.float32(p.source), hp), p.qtype)
         assert by_name[p.name].data.tobytes() == want.tobytes(), p.name
-
-
-@pytest.mark.torch
-def test_head_start_from_config_json_is_kept_only_when_it_plans_the_same_work(tiny_model_dir):
-    """A job started before transformers loads must be replaced when the real hyper-parameters differ."""
-    from common.export.arch import HParams, load_hparams, spec_for
-    from common.export.gguf_file import confirm_tensors, start_tensors, start_tensors_early
-    from common.export.merge import open_merged
-
-    merged = open_merged(tiny_model_dir, None)
-    hp = load_hparams(tiny_model_dir)
-    spec = spec_for(hp)
-    early = start_tensors_early(tiny_model_dir, merged, "q8_0")
-    assert early is not None
-    assert confirm_tensors(early, merged, hp, spec, "q8_0") is early
-    early.close()
-
-    # planned with other heads: llama's Q/K rows are permuted differently, so the work is redone
-    other = HParams({**hp.cfg, "num_attention_heads": hp.n_head // 2, "head_dim": hp.head_dim * 2},
-                    hp.hf_arch, hp.model_type)
-    wrong = start_tensors(merged, other, spec, "q8_0")
-    fresh = confirm_tensors(wrong, merged, hp, spec, "q8_0")
-    assert fresh is not wrong and fresh.hp is hp
-    assert not any(t.is_alive() for t in wrong.work._threads)
-    # another quant is other work too
-    f16 = confirm_tensors(fresh, merged, hp, spec, "f16")
-    f16.close()
-    assert f16.quant == "f16"
-    assert not any(t.is_alive() for t in fresh.work._threads)
-
-
-def test_head_start_without_a_usable_config_json_is_none(tmp_path):
-    from common.export.gguf_file import start_tensors_early
-
-    (tmp_path / "config.json").write_text("{not json")
-    assert start_tensors_early(tmp_path, None, "q8_0") is None

@@ -62,11 +62,24 @@ ARCH_CONFIGS = {
 }
 
 
+def make_config(arch: str, tokenizer, *, tie: bool = True, hidden: int = 64, layers: int = 2):
+    """The transformers config of a tiny ``arch`` model over ``tokenizer`` (AutoConfig: imports torch)."""
+    from transformers import AutoConfig
+
+    spec = dict(ARCH_CONFIGS[arch])
+    model_type = spec.pop("model_type")
+    return AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=tie, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-6, **spec)
+
+
 def make_model(out_dir: str | Path, arch: str = "llama", *, seed: int = 0, tie: bool = True,
                tokenizer_dir: str | Path | None = None, hidden: int = 64, layers: int = 2):
     """Build a tiny random causal LM of ``arch`` with the tiny tokenizer and save it (safetensors)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
     tokenizer = make_tokenizer(out_dir) if tokenizer_dir is None else None
@@ -75,13 +88,7 @@ def make_model(out_dir: str | Path, arch: str = "llama", *, seed: int = 0, tie: 
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         tokenizer.save_pretrained(out_dir)
-    spec = dict(ARCH_CONFIGS[arch])
-    model_type = spec.pop("model_type")
-    cfg = AutoConfig.for_model(
-        model_type, vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=tie, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-6, **spec)
+    cfg = make_config(arch, tokenizer, tie=tie, hidden=hidden, layers=layers)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():  # break the symmetry of default inits so outputs are not trivial

@@ -10,7 +10,6 @@ are mapped by ``gguf.TensorNameMap``. The keys and transforms follow llama.cpp's
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,7 +69,19 @@ class HParams:
 
 
 def load_hparams(model_dir: str | Path) -> HParams:
-    """Read config.json through transformers (no torch): defaults filled, rope normalised."""
+    """config.json with transformers' defaults filled and rope normalised.
+
+    Read without transformers for the model types ``hf_config`` knows (transformers imports
+    torch for any config class: seconds); through ``AutoConfig`` for any other.
+    """
+    from common.export import hf_config
+
+    hp = hf_config.read_hparams(model_dir)
+    return hp if hp is not None else load_hparams_transformers(model_dir)
+
+
+def load_hparams_transformers(model_dir: str | Path) -> HParams:
+    """config.json through ``transformers.AutoConfig`` (imports torch)."""
     from transformers import AutoConfig
 
     try:
@@ -83,18 +94,6 @@ def load_hparams(model_dir: str | Path) -> HParams:
     cfg = text.to_dict()
     cfg["tie_word_embeddings"] = bool(getattr(config, "tie_word_embeddings", cfg.get("tie_word_embeddings", True)))
     return HParams(cfg, hf_arch, getattr(text, "model_type", ""))
-
-
-def read_config_json(model_dir: str | Path) -> HParams:
-    """config.json as written, without transformers (no defaults, rope as stored).
-
-    Enough to plan the tensors before transformers has loaded (it imports torch for any
-    config: seconds); anything planned from it is checked against :func:`load_hparams`.
-    """
-    cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    text = cfg.get("text_config") or cfg
-    archs = cfg.get("architectures") or text.get("architectures") or []
-    return HParams(dict(text), archs[0] if archs else "", str(text.get("model_type", "")))
 
 
 # ---------------------------------------------------------------------------

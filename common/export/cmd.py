@@ -133,34 +133,31 @@ def _paths(cfg: ExportConfig, src: Source, quant: str) -> tuple[Path, Path | Non
 def run(cfg: ExportConfig) -> ExportResult:
     """Export ``cfg.source`` as GGUF + Modelfile and verify it; returns what was written."""
     from common.export.arch import load_hparams, spec_for
-    from common.export.gguf_file import confirm_tensors, default_quant, n_params, write_gguf
+    from common.export.gguf_file import default_quant, n_params, start_tensors, write_gguf
     from common.export.lora_gguf import scaling_note, write_lora_gguf
     from common.export.merge import load_adapter, open_merged
 
     src = resolve_source(cfg.source)
     name = cfg.name or src.name
     notes: list[str] = []
-    # Merging and quantizing start first, on worker threads, and run beside the loading of
-    # transformers and the tokenizer below (seconds of single-threaded Python).
-    merged, tensors = _head_start(cfg, src)
+    hp = load_hparams(src.base_dir)
+    spec = spec_for(hp)
+    merged = open_merged(src.base_dir, None if cfg.adapter_only else src.adapter_dir)
+    if cfg.quant:
+        quant = cfg.quant
+    else:
+        quant, reason = default_quant(n_params(merged))
+        print(f"quant: {reason}")
+    gguf_path, adapter_path = _paths(cfg, src, quant)
+    # Merging and quantizing start here, on worker threads, and run beside the loading of the
+    # adapter and the tokenizer below (about a second of single-threaded Python).
+    tensors = start_tensors(merged, hp, spec, quant)
     try:
-        hp = load_hparams(src.base_dir)
-        spec = spec_for(hp)
         adapter = load_adapter(src.adapter_dir) if src.adapter_dir else None
-        if merged is None:
-            merged = open_merged(src.base_dir, None if cfg.adapter_only else src.adapter_dir)
-        if cfg.quant:
-            quant = cfg.quant
-        else:
-            quant, reason = default_quant(n_params(merged))
-            print(f"quant: {reason}")
-        gguf_path, adapter_path = _paths(cfg, src, quant)
-        tensors = confirm_tensors(tensors, merged, hp, spec, quant)
         vocab, formatter = _vocab_and_formatter(cfg, src, spec, merged, notes)
         result_gguf = write_gguf(merged, hp, spec, vocab, gguf_path, quant, name=name, tensors=tensors)
     finally:
-        if tensors is not None:
-            tensors.close()
+        tensors.close()
     print(f"wrote {result_gguf.path} ({result_gguf.path.stat().st_size / 2**20:.1f} MiB, {quant})")
     if adapter_path is not None:
         if adapter is None:
@@ -181,20 +178,6 @@ def run(cfg: ExportConfig) -> ExportResult:
     if cfg.ollama_create:
         ollama_create(ollama_name, modelfile, held_rows, notes)
     return ExportResult(gguf_path, modelfile, quant, adapter_path, report, notes)
-
-
-def _head_start(cfg: ExportConfig, src: Source):
-    """(merged model, tensor job started from config.json), or (None, None) when that fails:
-    the normal path then opens the model again and reports what is wrong."""
-    from common.export.gguf_file import default_quant, n_params, start_tensors_early
-    from common.export.merge import open_merged
-
-    try:
-        merged = open_merged(src.base_dir, None if cfg.adapter_only else src.adapter_dir)
-        quant = cfg.quant or default_quant(n_params(merged))[0]
-    except Exception:  # a head start only: the normal path below opens it again and reports the problem
-        return None, None
-    return merged, start_tensors_early(src.base_dir, merged, quant)
 
 
 def _vocab_and_formatter(cfg: ExportConfig, src: Source, spec, merged, notes: list[str]):

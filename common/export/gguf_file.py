@@ -27,7 +27,7 @@ import gguf
 import numpy as np
 
 from common.errors import UserError
-from common.export.arch import ArchSpec, HParams, read_config_json, spec_for
+from common.export.arch import ArchSpec, HParams
 from common.export.merge import MergedModel
 from common.export.tensor_stream import (
     CHUNK_ELEMS,
@@ -156,8 +156,6 @@ class TensorJob:
     plan: list[Planned]
     chunks: list[Chunk]
     work: OrderedWork
-    hp: HParams  # what the plan was made from
-    spec: ArchSpec
 
     def tensors(self) -> Iterator[StreamedTensor]:
         """Each planned tensor in order, its data streamed chunk by chunk as the workers make it."""
@@ -179,48 +177,7 @@ def start_tensors(merged: MergedModel, hp: HParams, spec: ArchSpec, quant: str, 
     plan = plan_tensors(merged, spec, hp, quant)
     chunks = plan_chunks(plan, chunk_elems)
     work = OrderedWork(chunks, ChunkMaker(plan, chunks, merged, spec, hp), workers=workers or worker_count())
-    return TensorJob(quant, plan, chunks, work, hp, spec)
-
-
-def start_tensors_early(model_dir: str | Path, merged: MergedModel, quant: str) -> TensorJob | None:
-    """:func:`start_tensors` planned from config.json as written, before transformers is loaded.
-
-    A head start: loading transformers takes seconds (it imports torch for any config), and
-    the tensor work can run meanwhile. :func:`confirm_tensors` keeps the job only if the real
-    hyper-parameters plan exactly the same work. None when config.json alone cannot plan it.
-    """
-    try:
-        hp = read_config_json(model_dir)
-        return start_tensors(merged, hp, spec_for(hp), quant)
-    except Exception:  # config.json alone does not plan it: no head start; the normal path reports problems
-        return None
-
-
-def confirm_tensors(job: TensorJob | None, merged: MergedModel, hp: HParams, spec: ArchSpec,
-                    quant: str) -> TensorJob:
-    """``job`` if it makes exactly what ``start_tensors(merged, hp, spec, quant)`` would, else that
-    (``job`` closed): the same plan (names, shapes, types, sources, generated data) and row orders."""
-    if job is not None:
-        if _same_work(job, merged, hp, spec, quant):
-            return job
-        job.close()
-    return start_tensors(merged, hp, spec, quant)
-
-
-def _same_work(job: TensorJob, merged: MergedModel, hp: HParams, spec: ArchSpec, quant: str) -> bool:
-    if job.spec is not spec or job.quant != python_quant(quant, merged):
-        return False
-    plan = plan_tensors(merged, spec, hp, job.quant)
-    if [(p.name, p.shape, p.qtype, p.source) for p in plan] != [(p.name, p.shape, p.qtype, p.source) for p in job.plan]:
-        return False
-    for p, q in zip(plan, job.plan, strict=True):
-        if (p.data is None) != (q.data is None) or (p.data is not None and not np.array_equal(p.data, q.data)):
-            return False
-        if p.source is not None:
-            mine, theirs = spec.row_order(p.source, p.shape[0], hp), spec.row_order(p.source, p.shape[0], job.hp)
-            if (mine is None) != (theirs is None) or (mine is not None and not np.array_equal(mine, theirs)):
-                return False
-    return True
+    return TensorJob(quant, plan, chunks, work)
 
 
 def n_params(merged: MergedModel) -> int:

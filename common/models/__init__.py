@@ -74,7 +74,17 @@ def resolve_model(spec: str | None, revision: str | None = None, trust_remote_co
 
 
 def load_tokenizer(model_dir: str | Path):
-    """The model's tokenizer (transformers, fast; works without torch)."""
+    """The model's tokenizer (transformers, fast), the class AutoTokenizer would choose.
+
+    For the families we export the class is found without AutoTokenizer, whose module
+    imports torch (seconds: an export needs none); otherwise through AutoTokenizer.
+    Custom tokenizer code is never run.
+    """
+    from common.models import hf_tokenizer
+
+    cls = hf_tokenizer.tokenizer_class(model_dir)
+    if cls is not None:
+        return cls.from_pretrained(str(model_dir))
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
