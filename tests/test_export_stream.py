@@ -1,10 +1,12 @@
 """GGUF tensor data made in row chunks on worker threads: our q8_0 byte for byte against
-gguf-py's, the ordered worker pool (order, memory budget, errors, stopping), and a GGUF
-written by several threads in small chunks equal to one written by one thread whole.
+gguf-py's, the ordered worker pool (order, memory budget, errors, stopping), a GGUF
+written by several threads in small chunks equal to one written by one thread whole, and
+the output file written around the page cache (exact bytes; plain writes where refused).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -14,6 +16,7 @@ import gguf
 import numpy as np
 import pytest
 
+from common.export.out_file import OutFile
 from common.export.quantize import quantize_q8_0, quantize_rows
 from common.export.st_io import SafeTensorsModel, bf16_to_f32, f32_to_bf16
 from common.export.tensor_stream import MAX_WORKERS, Chunk, OrderedWork, plan_chunks, worker_count
@@ -156,3 +159,48 @@ def test_threaded_chunked_gguf_equals_single_thread_whole_tensors(tmp_path, quan
             continue
         want = gguf.quants.quantize(spec.transform(p.source, merged.float32(p.source), hp), p.qtype)
         assert by_name[p.name].data.tobytes() == want.tobytes(), p.name
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_out_file_writes_exactly_the_bytes(tmp_path, direct):
+    """Writes of any size across buffer boundaries give exactly those bytes (a direct tail padded, then cut)."""
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(0, 256, n, dtype=np.uint8) for n in (7, 4096, 300_000, 13, 1 << 20, 1)]
+    out = OutFile(tmp_path / "f", buffer_bytes=1 << 16, direct=direct)
+    for part in parts:
+        assert out.write(part.data) == part.nbytes
+    assert out.tell() == sum(p.nbytes for p in parts)
+    out.close()
+    out.close()
+    assert (tmp_path / "f").read_bytes() == b"".join(p.tobytes() for p in parts)
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+@pytest.mark.parametrize("refused_at", ["open", "write"])
+def test_out_file_writes_plainly_where_direct_io_is_refused(tmp_path, monkeypatch, refused_at):
+    """Regression guard: a filesystem without O_DIRECT (EINVAL at open, or at the first write) still gets the file."""
+    import fcntl
+
+    real_open, real_write, refused = os.open, os.write, []
+
+    def fake_open(path, flags, *args):
+        if refused_at == "open" and flags & os.O_DIRECT:
+            refused.append(path)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    def fake_write(fd, data):
+        if refused_at == "write" and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "write", fake_write)
+    data = np.arange(100_000, dtype=np.uint16)
+    out = OutFile(tmp_path / "f", buffer_bytes=1 << 16)
+    out.write(data.data)
+    out.close()
+    monkeypatch.undo()
+    assert refused and not out.direct
+    assert (tmp_path / "f").read_bytes() == data.tobytes()

@@ -29,13 +29,13 @@ import numpy as np
 from common.errors import UserError
 from common.export.arch import ArchSpec, HParams
 from common.export.merge import MergedModel
+from common.export.out_file import OutFile
 from common.export.tensor_stream import (
     CHUNK_ELEMS,
     Chunk,
     ChunkMaker,
     OrderedWork,
     StreamedTensor,
-    WriteBehind,
     plan_chunks,
     worker_count,
 )
@@ -161,9 +161,8 @@ class TensorJob:
         """Each planned tensor in order, its data streamed chunk by chunk as the workers make it."""
         results = self.work.results()
         counts = Counter(c.tensor for c in self.chunks)
-        write_behind = WriteBehind()
         for i, p in enumerate(self.plan):
-            yield StreamedTensor(p.nbytes, islice(results, counts[i]), write_behind)
+            yield StreamedTensor(p.nbytes, islice(results, counts[i]))
 
     def close(self) -> None:
         self.work.close()
@@ -242,6 +241,9 @@ def write_gguf_python(merged: MergedModel, hp: HParams, spec: ArchSpec, vocab: G
             writer.add_tensor_info(p.name, raw_shape, np.dtype(np_dtype), p.nbytes, raw_dtype=p.qtype)
         with atomic_path(out) as tmp:
             try:
+                writer.open_output_file(tmp)
+                writer.fout[0].close()  # opened by gguf-py; written instead around the page cache (out_file)
+                writer.fout = [OutFile(tmp)]
                 writer.write_header_to_file(path=tmp)
                 writer.write_kv_data_to_file()
                 writer.write_ti_data_to_file()
