@@ -7,7 +7,8 @@ CUDA backend). Per dataset, in this order:
   mlx-lm's own iterator sorts them), LoRA initialised from ours;
 - ``ours_mlx``: our MLX backend through the loop on that same plan (per-step losses compared);
 - ``ours_mlx_packed``: our MLX backend with packing (its own plan: speed only);
-- ``ours_torch`` / ``ours_torch_packed``: our torch backend, the same two ways, in a child process.
+- ``ours_torch`` / ``ours_torch_packed``: our torch backend, the same two ways, in a child process
+  (``ours_torch_compile``: length-grouped with ``--compile on``).
 
 MLX sides run in this process, one after another (peak memory reset between them).
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +105,15 @@ def run_dataset(tag: str, *, model_dir: Path, examples: list, pad_id: int, steps
             s.peak_memory_bytes, s.memory_kind = int(mx.get_peak_memory()), "mlx peak"
             ours.release(s)
         summarize("ours_mlx_packed", s)
-    for key, cfg, p in (("ours_torch", cfg_g, plan), ("ours_torch_packed", cfg_p, None)):
+    for key, cfg, p in (("ours_torch", cfg_g, plan), ("ours_torch_compile", replace(cfg_g, compile="on"), plan),
+                        ("ours_torch_packed", cfg_p, None)):
         if key not in sides_wanted:
             continue
         c = {k: getattr(cfg, k) for k in ("model", "lora_r", "lora_alpha", "max_grad_norm", "seed", "batch_size",
-                                          "group_by_length", "packing", "max_seq_length")}
+                                          "group_by_length", "packing", "max_seq_length", "compile")}
         c.update(backend="torch", device=torch_device, dtype=dtype)
-        spec = {"kind": "ours", "label": f"ours torch, {'packed' if cfg.packing else 'length-grouped'}",
+        spec = {"kind": "ours", "label": f"ours torch, {'packed' if cfg.packing else 'length-grouped'}"
+                                         + (", torch.compile" if cfg.compile == "on" else ""),
                 "model_dir": str(model_dir), "examples": examples_spec, "pad_id": pad_id, "steps": steps,
                 "warmup": warmup, "device": torch_device, "dtype": dtype, "cfg": c, "plan": p}
         summarize(key, run_in_subprocess(spec, timeout=1500))
@@ -119,7 +123,8 @@ def run_dataset(tag: str, *, model_dir: Path, examples: list, pad_id: int, steps
     pairs = [("ours_mlx", "mlx_lm", 1.0, None, rtol),
              ("ours_mlx_packed", "mlx_lm", 1.5 if variable else None, None, None),
              ("ours_mlx_packed", "mlx_lm_packedplan", None, None, rtol),
-             ("ours_torch", "mlx_lm", 1.0, None, rtol), ("ours_torch_packed", "mlx_lm", None, None, None)]
+             ("ours_torch", "mlx_lm", 1.0, None, rtol), ("ours_torch_compile", "mlx_lm", None, None, rtol),
+             ("ours_torch_packed", "mlx_lm", None, None, None)]
     return out, pairs
 
 

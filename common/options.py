@@ -81,6 +81,9 @@ class TrainConfig(DataOptions, ModelOptions):  # fields: model options first, th
     kernels: Literal["auto", "liger", "off"] = opt(
         "auto", "fused kernels of the torch backend: auto = Liger's RMSNorm/SwiGLU/RoPE on NVIDIA GPUs for "
         "models of hidden size >= 4096, where liger-kernel is installed (pip install 'llm-ft[cuda]')")
+    compile: Literal["auto", "on", "off"] = opt(
+        "off", "torch.compile each transformer layer of the torch backend on an NVIDIA GPU (auto: where there "
+        "is one): fused kernels, less memory; the first step pays ~1-2 min of compilation")
     group_by_length: bool = opt(True, "batch rows of similar length together (less padding)")
     eval_every: int = opt(50, "evaluate on the validation split every N optimizer steps (0: only at the end)")
     eval_batches: int | None = opt(None, "limit each evaluation to N batches (default: the whole split)")

@@ -232,11 +232,14 @@ def test_segment_bounds_cover_every_token_of_the_flattened_batch():
     assert segment_bounds([[1, 1, 1]]) == ([0, 3], 3)
 
 
-def test_varlen_attention_and_liger_refuse_the_cpu_with_the_reason(tiny_model_dir):
+def test_varlen_attention_liger_and_compile_refuse_the_cpu_with_the_reason(tiny_model_dir):
     with pytest.raises(UserError, match="--attention varlen: needs an NVIDIA GPU"):
         backend_for(tiny_model_dir, attention="varlen")
     with pytest.raises(UserError, match="--kernels liger: needs an NVIDIA GPU"):
         backend_for(tiny_model_dir, kernels="liger")
+    with pytest.raises(UserError, match="--compile on: needs an NVIDIA GPU"):
+        backend_for(tiny_model_dir, compile="on")
+    assert backend_for(tiny_model_dir, compile="auto").model is not None  # auto: nothing to compile here
 
 
 def test_varlen_implementation_falls_through_to_sdpa_without_segments(tiny_model_dir):

@@ -15,9 +15,8 @@ import torch
 
 from common.errors import UserError
 from common.train.backend import BackendInfo, Batch, StepStats, rows_per_pass
-from torch_ft import attention
+from torch_ft import attention, kernels
 from torch_ft import device as devices
-from torch_ft import kernels
 from torch_ft import state as states
 from torch_ft.loss import model_inputs, supervised_loss
 from torch_ft.model import attach_lora, load_base
@@ -50,6 +49,7 @@ class TorchBackend:
             for module in self.model.modules():
                 if hasattr(module, "cast_input_dtype_enabled"):
                     module.cast_input_dtype_enabled = False
+        compile_note = kernels.compile_layers(self.model, self.prec, getattr(cfg, "compile", "off"))
         self.causal_lm = self.model.get_base_model()
         self.attn_impl = getattr(self.causal_lm.config, "_attn_implementation", "sdpa") or "sdpa"
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -61,8 +61,7 @@ class TorchBackend:
         trainable = sum(p.numel() for p in self.params)
         total = sum(p.numel() for p in self.model.parameters())
         notes = [f"torch {torch.__version__}: {self.prec.description}, attention {self.attn_impl}"] + notes
-        if kernel_note:
-            notes.append(kernel_note)
+        notes += [n for n in (kernel_note, compile_note) if n]
         if self.prec.kind == "cpu" and (busy := devices.busy_cpu_note(torch.get_num_threads())):
             notes.append(busy)
         if cfg.load_in_4bit:

@@ -46,3 +46,23 @@ def apply(model, prec: Precision, choice: str = "auto") -> str | None:
     _apply_liger_kernel_to_instance(model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False)
     return f"Liger kernels ({model_type}): RMSNorm, SwiGLU, RoPE"
+
+
+def compile_layers(model, prec: Precision, choice: str = "off") -> str | None:
+    """``torch.compile`` every transformer layer of ``model`` (peft's LoRA layers inside); a note, or None.
+
+    Regional compilation: the layers share one compiled graph (compiled once, not per layer),
+    with dynamic shapes, since every flattened batch has its own length.
+    """
+    if choice == "off" or (choice == "auto" and prec.kind != "cuda"):
+        return None
+    if prec.kind != "cuda":
+        raise UserError(f"--compile on: needs an NVIDIA GPU (this run: {prec.device})", ["or --compile off"])
+    import torch
+
+    layers = getattr(model.get_base_model().get_decoder(), "layers", None)
+    if layers is None:
+        raise UserError("--compile on: this model has no decoder layers list to compile")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return f"torch.compile: {len(layers)} decoder layers, dynamic shapes (torch {torch.__version__})"

@@ -1,0 +1,65 @@
+"""Profile our torch backend's training steps on the device (``python3 -m bench.gpu_profile``).
+
+The 1B uniform-length set of bench.gpu_mlx, length-grouped batches of 16: a few steps to warm
+up, then torch.profiler over the next ones: where GPU time goes, and how much of a step the
+GPU spends idle (launch-bound) - the question behind torch vs mlx-lm on the same batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-3.2-1b")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--compile", default="off")
+    args = ap.parse_args(argv)
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench import ours
+    from bench.data import alpaca_like
+    from bench.gpu_mlx import DATASETS
+    from bench.gpu_torch import MODELS_DIR, _task
+    from bench.models import CONFIGS
+    from common.train.backend import load_backend
+    from common.train.loop import TrainData, Trainer
+
+    model_dir = Path(_task("build", args.model, str(MODELS_DIR / args.model), "cuda")["path"])
+    examples = alpaca_like(n=3000, seed=1, vocab=CONFIGS[args.model]["vocab_size"], **DATASETS["uniform"])
+    cfg = ours.train_config(model=str(model_dir), backend="torch", lora_r=16, lora_alpha=32.0, max_grad_norm=0.0,
+                            seed=3407, batch_size=16, group_by_length=True, packing=False, dtype="bfloat16",
+                            compile=args.compile)
+    data = TrainData(train=examples, valid=[], pad_id=0)
+    backend = load_backend("torch")
+    backend.setup(model_dir, cfg, 0)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, backend, data, Path(tmp), base_model=str(model_dir), run_info={}, log=None)
+        trainer.total_steps = 100
+        for _ in range(5):
+            trainer.train_step()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                trainer.train_step()
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    events = prof.key_averages()
+    gpu_total = sum(e.device_time for e in events if e.device_type.name == "CUDA") / 1e6  # self device time, s
+    kernels = sum(e.count for e in events if e.device_type.name == "CUDA")
+    print(f"{args.steps} steps: wall {wall:.3f} s (profiled), GPU kernel time {gpu_total:.3f} s "
+          f"({100 * gpu_total / wall:.0f}% busy), {kernels / args.steps:.0f} kernels per step")
+    print(events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
