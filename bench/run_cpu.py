@@ -3,7 +3,8 @@
 ``python -m bench.run_cpu [--only torch|mlx|mlx-var] [--quick]``
 
 - ``torch``: our torch backend (the loop's defaults: batch 4, length-grouped, no gradient
-  checkpointing, fp32, the batch run in row groups of <= 128 positions; ablations: the whole
+  checkpointing, fp32, the batch run in row groups of <= 256 positions, 1 layer in 6 recomputed in
+  backward; ablations: the whole
   batch per pass, and gradient checkpointing) vs the seeds' recipe (Trainer + peft, same LoRA and batch settings,
   padded to the longest row, fp32, gradient checkpointing), each side in its own process,
   back to back, the seeds fed exactly our batches. Targets: >= 1.3x tokens/s, peak RSS no higher.

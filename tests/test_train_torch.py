@@ -288,3 +288,55 @@ def test_cpu_batches_run_in_row_groups_with_the_same_gradients(tiny_model_dir):
             contract.CPU_TOKENS_PER_PASS = default
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     assert results[0][1] == pytest.approx(results[1][1], rel=1e-6)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_lean_lora_forward_is_peft_forward(tiny_model_dir, use_dora, monkeypatch):
+    # Guards torch_ft.lora_forward: the same outputs and LoRA gradients as peft's own forward (DoRA: peft's path).
+    from torch_ft import lora_forward
+
+    lean_calls = []
+    real = lora_forward._lean_forward
+    monkeypatch.setattr(lora_forward, "_lean_forward", lambda *a, **k: lean_calls.append(1) or real(*a, **k))
+    batch = make_batch([[Example(list(range(5, 30)), [0] * 5 + [1] * 20)], [Example(list(range(40, 52)), [1] * 12)]], 0)
+    results = []
+    for lean in (False, True):
+        b = backend_for(tiny_model_dir, use_dora=use_dora)
+        with torch.no_grad():
+            for p in b.params:  # B off zero, so the low-rank path contributes
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+        layers = [m for m in b.model.modules() if "forward" in vars(m) and hasattr(m, "lora_A")]
+        assert layers  # the backend installed the lean forward on every LoRA layer
+        if not lean:
+            for m in layers:
+                del m.forward  # peft's own forward again
+        lean_calls.clear()
+        loss = b.forward_backward(batch, 1.0)
+        assert bool(lean_calls) == lean
+        results.append((loss, [p.grad.clone() for p in b.params]))
+    (ref, g_ref), (got, g_got) = results
+    assert got == pytest.approx(ref, rel=1e-6)
+    for a, c in zip(g_ref, g_got, strict=True):
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-7)
+
+
+def test_cpu_recomputes_some_layers_with_the_same_gradients(tiny_model_dir):
+    # Guards the CPU's partial gradient checkpointing: fewer kept activations, not a different step.
+    from common.train import backend as contract
+
+    batch = make_batch([[Example(list(range(5, 40)), [0] * 5 + [1] * 30)], [Example(list(range(50, 70)), [1] * 20)]], 0)
+    results = []
+    for recompute in (True, False):
+        b = backend_for(tiny_model_dir)
+        layers = b.causal_lm.get_decoder().layers
+        expected = [i % contract.CPU_RECOMPUTE_EVERY == 0 for i in range(len(layers))]
+        assert [bool(m.gradient_checkpointing) for m in layers] == expected and any(expected)
+        if not recompute:
+            for m in layers:
+                m.gradient_checkpointing = False
+        loss = b.forward_backward(batch, 1.0)
+        results.append((loss, [p.grad.clone() for p in b.params]))
+    (l1, g1), (l2, g2) = results
+    assert l1 == pytest.approx(l2, rel=1e-6)
+    for a, c in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-8)

@@ -14,12 +14,12 @@ from typing import Any
 import torch
 
 from common.errors import UserError
-from common.train.backend import BackendInfo, Batch, StepStats, rows_per_pass
-from torch_ft import attention, kernels
+from common.train.backend import CPU_RECOMPUTE_EVERY, BackendInfo, Batch, StepStats, rows_per_pass
+from torch_ft import attention, kernels, lora_forward
 from torch_ft import device as devices
 from torch_ft import state as states
 from torch_ft.loss import model_inputs, supervised_loss
-from torch_ft.model import attach_lora, load_base
+from torch_ft.model import attach_lora, checkpoint_every, load_base
 from torch_ft.optim import make_optimizer
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -49,6 +49,11 @@ class TorchBackend:
             for module in self.model.modules():
                 if hasattr(module, "cast_input_dtype_enabled"):
                     module.cast_input_dtype_enabled = False
+        lora_forward.install(self.model)
+        recompute = None
+        if self.prec.kind == "cpu" and not cfg.grad_checkpoint:
+            done, total = checkpoint_every(self.model.get_base_model(), CPU_RECOMPUTE_EVERY)
+            recompute = f"CPU: {done} of {total} layers recomputed in backward (less memory, ~20% more time)"
         compile_note = kernels.compile_layers(self.model, self.prec, getattr(cfg, "compile", "off"))
         self.causal_lm = self.model.get_base_model()
         self.attn_impl = getattr(self.causal_lm.config, "_attn_implementation", "sdpa") or "sdpa"
@@ -61,7 +66,7 @@ class TorchBackend:
         trainable = sum(p.numel() for p in self.params)
         total = sum(p.numel() for p in self.model.parameters())
         notes = [f"torch {torch.__version__}: {self.prec.description}, attention {self.attn_impl}"] + notes
-        notes += [n for n in (kernel_note, compile_note) if n]
+        notes += [n for n in (kernel_note, compile_note, recompute) if n]
         if self.prec.kind == "cpu" and (busy := devices.busy_cpu_note(torch.get_num_threads())):
             notes.append(busy)
         if cfg.load_in_4bit:

@@ -99,6 +99,19 @@ def load_base(model_dir: Path, cfg: Any, prec: Precision):
     return model
 
 
+def checkpoint_every(model, every: int) -> tuple[int, int]:
+    """Gradient checkpointing on every ``every``-th decoder layer only; (layers checkpointed, layers)."""
+    layers = [m for m in getattr(model.get_decoder(), "layers", []) if hasattr(m, "gradient_checkpointing")]
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:  # transformers >= 5.23 does the selection itself
+        enable({"use_reentrant": False}, every_n_layers=every)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = i % every == 0  # as transformers picks them
+    return sum(1 for m in layers if m.gradient_checkpointing), len(layers)
+
+
 def linear_names(model) -> list[str]:
     """Short names of the linear layers inside the transformer blocks (lm_head excluded)."""
     head = model.get_output_embeddings()

@@ -19,6 +19,11 @@ from typing import Any, Protocol, runtime_checkable
 # (rows of ~100 tokens, batch 4, 2 cores; bench/RESULTS.md): 256 (two rows a pass) runs at
 # 0.91-0.96x the speed of whole batches for ~0.83x the peak RSS; 128 (one row) at 0.71x for 0.65x.
 CPU_TOKENS_PER_PASS = 256
+# ... and recomputes every CPU_RECOMPUTE_EVERY-th transformer layer in backward instead of keeping its
+# activations (gradient checkpointing on 1 layer in 6; on all of them with --grad-checkpoint). Same
+# model and data, 2 cores (bench/RESULTS.md): 1.61 GiB peak RSS instead of 1.68 for 0.82x the speed;
+# 1 layer in 3 gave 1.55 GiB at 0.75x.
+CPU_RECOMPUTE_EVERY = 6
 
 
 def rows_per_pass(rows: int, width: int, device_kind: str) -> int:
