@@ -4,7 +4,8 @@
 
 A small random Llama (GQA, 4 layers) in bf16 on CUDA, LoRA on every linear layer. The same
 packed batches (several examples per row, plus padding) go through our torch backend with
-SDPA and a dense block-diagonal mask (the reference, no Liger), with varlen attention, and
+SDPA and a dense block-diagonal mask and peft's own LoRA forward (the reference, no Liger),
+and with our lean LoRA forward (torch_ft.lora_forward) plus varlen attention, and
 with varlen attention + Liger kernels: per-step losses over 4 optimizer steps and the first
 step's LoRA gradients must agree within bf16 noise. Also checks that a packed row gives each
 example the same loss it gets alone in a row (no attention across examples). Exit 1 on a miss.
@@ -52,7 +53,7 @@ def _batches():
     return [make_batch(r, pad_id=0) for r in rows]
 
 
-def _run(model_dir: Path, batches, **over):
+def _run(model_dir: Path, batches, peft_forward: bool = False, **over):
     import torch
 
     from bench.ours import train_config
@@ -64,6 +65,10 @@ def _run(model_dir: Path, batches, **over):
     cfg = replace(cfg, **over)
     be = TorchBackend()
     info = be.setup(model_dir, cfg, pad_id=0)
+    if peft_forward:  # the reference: peft's own LoRA forward, not torch_ft.lora_forward's
+        for m in be.model.modules():
+            if "forward" in vars(m) and hasattr(m, "lora_A"):
+                del m.forward
     losses, grads = [], None
     for i, b in enumerate(batches):
         losses.append(be.forward_backward(b, 1.0 / b.n_supervised))
@@ -118,9 +123,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = _model(Path(tmp) / "m")
         batches = _batches()
-        ref, ref_g, ref_notes = _run(model_dir, batches, attention="sdpa", kernels="off")
+        ref, ref_g, ref_notes = _run(model_dir, batches, peft_forward=True, attention="sdpa", kernels="off")
         report["reference"] = {"losses": ref, "notes": ref_notes}
-        ref_q, ref_qg, _ = _run(model_dir, batches, attention="sdpa", kernels="off", load_in_4bit=True)
+        ref_q, ref_qg, _ = _run(model_dir, batches, peft_forward=True, attention="sdpa", kernels="off",
+                                load_in_4bit=True)
         report["reference_qlora"] = {"losses": ref_q}
         for name, over in (("varlen", {"attention": "varlen", "kernels": "off"}),
                            ("varlen+liger", {"attention": "varlen", "kernels": "liger"}),
