@@ -82,6 +82,8 @@ def coerce(value: Any, tp, *, from_text: bool) -> Any:
     origin = get_origin(base)
     if origin is Literal:
         allowed = get_args(base)
+        if isinstance(value, bool) and ("on" if value else "off") in allowed:
+            value = "on" if value else "off"  # YAML 1.1 reads an unquoted on/off as a boolean
         if value not in allowed:
             hint = nearest(str(value), [str(a) for a in allowed])
             extra = f" (did you mean {hint!r}?)" if hint else ""

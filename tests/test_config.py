@@ -53,6 +53,17 @@ def test_yaml_scientific_notation_is_a_float(here):
     assert resolve(TrainConfig, {}, str(here / "run.yaml"), cwd=here).lr == 2e-4
 
 
+def test_yaml_unquoted_on_off_is_the_choice_not_a_boolean(here):
+    # regression: YAML 1.1 reads `compile: off` as False; it must mean the choice "off"
+    (here / "run.yaml").write_text("compile: on\nkernels: off\n")
+    cfg = resolve(TrainConfig, {}, str(here / "run.yaml"), cwd=here)
+    assert (cfg.compile, cfg.kernels) == ("on", "off")
+    (here / "run.yaml").write_text("kernels: on\n")  # no "on" among the kernels choices: still an error
+    with pytest.raises(UserError) as err:
+        resolve(TrainConfig, {}, str(here / "run.yaml"), cwd=here)
+    assert "kernels: expected one of 'auto', 'liger', 'off', got True" in str(err.value.problems)
+
+
 def test_env_file_never_overrides_the_real_environment(here, monkeypatch):
     (here / ".env").write_text("LLM_FT_LR=0.1\nHF_TOKEN=from-file\nHF_HOME=/from/file\n")
     monkeypatch.setenv("LLM_FT_LR", "0.5")
