@@ -169,6 +169,14 @@ def test_other_model_types_go_through_autoconfig(tmp_path, monkeypatch):
     assert hf_config.read_hparams(tmp_path / "missing") is None
 
 
+def test_broken_config_of_another_model_type_is_a_user_error(tmp_path):
+    # regression: transformers 5 reports a bad field with huggingface_hub's StrictDataclassError (a traceback)
+    cfg = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": 2, "n_embd": "wide", "n_head": 4}
+    d = _write(tmp_path, cfg, "gpt2-broken")
+    with pytest.raises(UserError, match="config.json: cannot read the model config"):
+        load_hparams(d)
+
+
 def test_defaults_are_transformers_class_defaults():
     """DEFAULTS holds each config class's own field defaults (a transformers upgrade that changes one fails here)."""
     from transformers import CONFIG_MAPPING

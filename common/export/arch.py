@@ -82,11 +82,12 @@ def load_hparams(model_dir: str | Path) -> HParams:
 
 def load_hparams_transformers(model_dir: str | Path) -> HParams:
     """config.json through ``transformers.AutoConfig`` (imports torch)."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, StrictDataclassError) as exc:  # the last: transformers 5's field checks
         raise UserError(f"{model_dir}/config.json: cannot read the model config: {exc}") from None
     text = config.get_text_config()
     archs = getattr(config, "architectures", None) or getattr(text, "architectures", None) or []

@@ -18,7 +18,7 @@ import ctypes
 import errno
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -216,9 +216,7 @@ def _metadata(w: gguf.GGUFWriter, hp: HParams, spec: ArchSpec, vocab: GGUFVocab,
 
 
 def write_gguf_python(merged: MergedModel, hp: HParams, spec: ArchSpec, vocab: GGUFVocab, out: Path, quant: str,
-                      *, name: str, progress: bool = True,
-                      open_writer: Callable[..., gguf.GGUFWriter] = gguf.GGUFWriter,
-                      tensors: TensorJob | None = None) -> GGUFResult:
+                      *, name: str, progress: bool = True, tensors: TensorJob | None = None) -> GGUFResult:
     """Write ``merged`` as a GGUF of a Python-quantized type at ``out`` (atomically).
 
     ``tensors``: a job from :func:`start_tensors` (already working); closed here either way.
@@ -233,7 +231,7 @@ def write_gguf_python(merged: MergedModel, hp: HParams, spec: ArchSpec, vocab: G
             raise UserError(f"tokenizer has {len(vocab.tokens)} tokens but token_embd has {plan_vocab_rows(plan)} rows")
         total = sum(p.nbytes for p in plan)
         check_space(out, total + sum(len(t) for t in vocab.tokens) * 2)
-        writer = open_writer(path=None, arch=spec.gguf_name)
+        writer = gguf.GGUFWriter(path=None, arch=spec.gguf_name)
         _metadata(writer, hp, spec, vocab, name, PY_QUANTS[quant][1])
         for p in plan:
             raw_shape = gguf.quant_shape_to_byte_shape(p.shape, p.qtype) if p.qtype not in (Q.F32, Q.F16) else p.shape
