@@ -43,13 +43,7 @@ class TorchBackend:
         base = load_base(Path(model_dir), cfg, self.prec)
         kernel_note = kernels.apply(base, self.prec, getattr(cfg, "kernels", "auto"))
         self.model, targets = attach_lora(base, cfg, cfg.seed)
-        if self.prec.autocast:
-            # peft casts each LoRA layer's input to the adapter's fp32, a copy of the whole activation
-            # (and one more in backward) that autocast undoes for the matmul: the same numbers without it.
-            for module in self.model.modules():
-                if hasattr(module, "cast_input_dtype_enabled"):
-                    module.cast_input_dtype_enabled = False
-        lora_forward.install(self.model)
+        lora_forward.install(self.model, autocast=self.prec.autocast)
         recompute = None
         if self.prec.kind == "cpu" and not cfg.grad_checkpoint:
             done, total = checkpoint_every(self.model.get_base_model(), CPU_RECOMPUTE_EVERY)

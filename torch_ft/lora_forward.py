@@ -36,8 +36,13 @@ def _lean_forward(self, x: torch.Tensor, *args, _peft_forward, **kwargs) -> torc
     return out.view(result.shape)
 
 
-def install(model) -> int:
-    """Give every plain peft LoRA linear layer of ``model`` the lean forward; how many were changed."""
+def install(model, autocast: bool = False) -> int:
+    """Give every plain peft LoRA linear layer of ``model`` the lean forward; how many were changed.
+
+    ``autocast``: also stop peft's forward (still used by DoRA and the other cases above) from
+    casting each LoRA input to the adapter's fp32: a copy of the whole activation, and one more
+    in backward, that autocast undoes for the matmul; the same numbers without it.
+    """
     from peft.tuners.lora.layer import Linear
 
     classes: tuple[type, ...] = (Linear,)
@@ -49,6 +54,8 @@ def install(model) -> int:
         pass
     changed = 0
     for module in model.modules():
+        if autocast and hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
         if type(module) in classes:
             module.forward = types.MethodType(
                 lambda self, x, *a, _f=module.forward, **k: _lean_forward(self, x, *a, _peft_forward=_f, **k), module)
