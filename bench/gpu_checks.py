@@ -130,6 +130,7 @@ def main() -> int:
         report["reference_qlora"] = {"losses": ref_q}
         for name, over in (("varlen", {"attention": "varlen", "kernels": "off"}),
                            ("varlen+liger", {"attention": "varlen", "kernels": "liger"}),
+                           ("varlen+native", {"attention": "varlen", "kernels": "native"}),
                            ("qlora varlen", {"attention": "varlen", "kernels": "off", "load_in_4bit": True})):
             before = dict(attention.calls)
             losses, g, notes = _run(model_dir, batches, **over)

@@ -17,6 +17,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="llama-3.2-1b")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--compile", default="off")
+    ap.add_argument("--kernels", default="auto")
+    ap.add_argument("--timed", type=int, default=12, help="unprofiled steps timed after the warm-up")
+    ap.add_argument("--flat-multiple", type=int, default=None, help="override torch_ft.backend.FLAT_MULTIPLE")
     args = ap.parse_args(argv)
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -33,10 +36,15 @@ def main(argv=None) -> int:
     examples = alpaca_like(n=3000, seed=1, vocab=CONFIGS[args.model]["vocab_size"], **DATASETS["uniform"])
     cfg = ours.train_config(model=str(model_dir), backend="torch", lora_r=16, lora_alpha=32.0, max_grad_norm=0.0,
                             seed=3407, batch_size=16, group_by_length=True, packing=False, dtype="bfloat16",
-                            compile=args.compile)
+                            compile=args.compile, kernels=args.kernels)
     data = TrainData(train=examples, valid=[], pad_id=0)
+    if args.flat_multiple is not None:
+        import torch_ft.backend
+
+        torch_ft.backend.FLAT_MULTIPLE = args.flat_multiple
     backend = load_backend("torch")
-    backend.setup(model_dir, cfg, 0)
+    info = backend.setup(model_dir, cfg, 0)
+    print("notes:", "; ".join(info.notes))
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -45,6 +53,15 @@ def main(argv=None) -> int:
         for _ in range(5):
             trainer.train_step()
         torch.cuda.synchronize()
+        times = []
+        for _ in range(args.timed):
+            t = time.perf_counter()
+            trainer.train_step()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        times.sort()
+        print(f"kernels={args.kernels} compile={args.compile} flat_multiple={args.flat_multiple}: {args.timed} steps unprofiled, median "
+              f"{1000 * times[len(times) // 2]:.1f} ms, min {1000 * times[0]:.1f} ms", flush=True)
         t = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):

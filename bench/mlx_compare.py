@@ -106,14 +106,16 @@ def run_dataset(tag: str, *, model_dir: Path, examples: list, pad_id: int, steps
             ours.release(s)
         summarize("ours_mlx_packed", s)
     for key, cfg, p in (("ours_torch", cfg_g, plan), ("ours_torch_compile", replace(cfg_g, compile="on"), plan),
+                        ("ours_torch_nokernels", replace(cfg_g, kernels="off"), plan),
                         ("ours_torch_packed", cfg_p, None)):
         if key not in sides_wanted:
             continue
         c = {k: getattr(cfg, k) for k in ("model", "lora_r", "lora_alpha", "max_grad_norm", "seed", "batch_size",
-                                          "group_by_length", "packing", "max_seq_length", "compile")}
+                                          "group_by_length", "packing", "max_seq_length", "compile", "kernels")}
         c.update(backend="torch", device=torch_device, dtype=dtype)
         spec = {"kind": "ours", "label": f"ours torch, {'packed' if cfg.packing else 'length-grouped'}"
-                                         + (", torch.compile" if cfg.compile == "on" else ""),
+                                         + (", torch.compile" if cfg.compile == "on" else "")
+                                         + (", no fused kernels" if cfg.kernels == "off" else ""),
                 "model_dir": str(model_dir), "examples": examples_spec, "pad_id": pad_id, "steps": steps,
                 "warmup": warmup, "device": torch_device, "dtype": dtype, "cfg": c, "plan": p}
         summarize(key, run_in_subprocess(spec, timeout=1500))
@@ -124,6 +126,7 @@ def run_dataset(tag: str, *, model_dir: Path, examples: list, pad_id: int, steps
              ("ours_mlx_packed", "mlx_lm", 1.5 if variable else None, None, None),
              ("ours_mlx_packed", "mlx_lm_packedplan", None, None, rtol),
              ("ours_torch", "mlx_lm", 1.0, None, rtol), ("ours_torch_compile", "mlx_lm", None, None, rtol),
+             ("ours_torch_nokernels", "mlx_lm", None, None, rtol), ("ours_torch", "ours_torch_nokernels", None, None, rtol),
              ("ours_torch_packed", "mlx_lm", None, None, None)]
     return out, pairs
 

@@ -78,9 +78,10 @@ class TrainConfig(DataOptions, ModelOptions):  # fields: model options first, th
     attention: Literal["auto", "varlen", "sdpa", "eager"] = opt(
         "auto", "attention kernel of the torch backend: auto = variable-length Flash-Attention on NVIDIA GPUs "
         "in bf16/fp16 (each example attends only to itself, no padding work), SDPA elsewhere")
-    kernels: Literal["auto", "liger", "off"] = opt(
-        "auto", "fused kernels of the torch backend: auto = Liger's RMSNorm/SwiGLU/RoPE on NVIDIA GPUs for "
-        "models of hidden size >= 4096, where liger-kernel is installed (pip install 'llm-ft[cuda]')")
+    kernels: Literal["auto", "liger", "native", "off"] = opt(
+        "auto", "fused kernels of the torch backend on NVIDIA GPUs: auto = Liger's RMSNorm/SwiGLU/RoPE for models "
+        "of hidden size >= 4096 where liger-kernel is installed (pip install 'llm-ft[cuda]'), else torch's own "
+        "fused RMSNorm (native)")
     compile: Literal["auto", "on", "off"] = opt(
         "off", "torch.compile each transformer layer of the torch backend on an NVIDIA GPU (auto: where there "
         "is one): fused kernels, less memory; the first step pays ~1-2 min of compilation")

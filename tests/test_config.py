@@ -61,7 +61,7 @@ def test_yaml_unquoted_on_off_is_the_choice_not_a_boolean(here):
     (here / "run.yaml").write_text("kernels: on\n")  # no "on" among the kernels choices: still an error
     with pytest.raises(UserError) as err:
         resolve(TrainConfig, {}, str(here / "run.yaml"), cwd=here)
-    assert "kernels: expected one of 'auto', 'liger', 'off', got True" in str(err.value.problems)
+    assert "kernels: expected one of 'auto', 'liger', 'native', 'off', got True" in str(err.value.problems)
 
 
 def test_env_file_never_overrides_the_real_environment(here, monkeypatch):

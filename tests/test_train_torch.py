@@ -86,6 +86,13 @@ def test_flat_batch_is_the_padded_batch_without_padding(backend, fmt):
     ref, n = backend.eval_loss(padded)
     got, m = backend.eval_loss(flat)  # on the CPU: one packed row under a block-diagonal mask
     assert m == n and got == pytest.approx(ref, rel=1e-5)
+    # Rounded up to a multiple (CUDA's FLAT_MULTIPLE): padding at the end, in no example, with no targets.
+    rounded = padded.flat(16, pad_id=0)
+    width, fill = len(rounded.input_ids[0]), len(rounded.input_ids[0]) - padded.n_tokens
+    assert width % 16 == 0 and 0 < fill < 16 and (rounded.n_tokens, rounded.n_supervised) == (flat.n_tokens, flat.n_supervised)
+    assert rounded.segment_ids[0] == flat.segment_ids[0] + [0] * fill and rounded.loss_mask[0][-fill:] == [0] * fill
+    got, m = backend.eval_loss(rounded)
+    assert m == n and got == pytest.approx(ref, rel=1e-5)
 
 
 def test_autocast_lora_skips_peft_input_casts_with_the_same_numbers(tiny_model_dir, fmt):
@@ -342,3 +349,49 @@ def test_cpu_recomputes_some_layers_with_the_same_gradients(tiny_model_dir):
     assert l1 == pytest.approx(l2, rel=1e-6)
     for a, c in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-8)
+
+
+def test_native_fused_rms_norm_is_the_transformers_norm(tiny_model_dir):
+    # Guards torch_ft.kernels' fused RMSNorm (--kernels native; auto on CUDA below Liger's size):
+    # the same loss and LoRA gradients as transformers' own norms, and every norm patched.
+    from torch_ft import kernels
+
+    batch = make_batch([[Example(list(range(5, 40)), [0] * 5 + [1] * 30)], [Example(list(range(50, 70)), [1] * 20)]], 0)
+    results = []
+    for choice in ("off", "native"):
+        b = backend_for(tiny_model_dir, kernels=choice)
+        norms = [m for m in b.causal_lm.modules() if type(m).__name__ in kernels.LLAMA_RMSNORMS]
+        assert norms and all(("forward" in vars(m)) == (choice == "native") for m in norms)
+        with torch.no_grad():
+            for p in b.params:  # B off zero, so the gradients reach through every norm
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+        loss = b.forward_backward(batch, 1.0)
+        results.append((loss, [p.grad.clone() for p in b.params]))
+    (ref, g_ref), (got, g_got) = results
+    assert got == pytest.approx(ref, rel=1e-6)
+    for a, c in zip(g_ref, g_got, strict=True):
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3", "gemma", "olmo2"])
+def test_fused_rms_norm_only_where_the_forward_is_llamas(arch):
+    # The class list is by name: each listed class must compute Llama's norm (bf16 in, within one
+    # bf16 rounding); Gemma's (1 + weight) and OLMo 2's norms differ and must not be listed.
+    import importlib
+
+    from torch_ft import kernels
+
+    mod = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+    cls = next(getattr(mod, n) for n in dir(mod) if n.lower() == f"{arch}rmsnorm")
+    norm = cls(64, eps=1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64) + 0.5)
+    x = torch.randn(3, 7, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16) * 3
+    ref = norm(x)
+    assert kernels.fuse_rms_norms(torch.nn.Sequential(norm)) == (cls.__name__ in kernels.LLAMA_RMSNORMS)
+    if cls.__name__ in kernels.LLAMA_RMSNORMS:
+        got = norm(x)
+        assert got.dtype == ref.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), ref.float(), rtol=2 ** -7, atol=1e-2)
+    else:
+        assert arch in ("gemma", "olmo2")

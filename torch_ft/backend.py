@@ -22,6 +22,10 @@ from torch_ft.loss import model_inputs, supervised_loss
 from torch_ft.model import attach_lora, checkpoint_every, load_base
 from torch_ft.optim import make_optimizer
 
+# On CUDA a step's flattened row is padded to a multiple of this many tokens (at most 255 more of
+# a few thousand): every new length is new matmul shapes and allocator sizes, and host time per
+# kernel launch is what bounds a LoRA step of a small model.
+FLAT_MULTIPLE = 256
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -75,8 +79,9 @@ class TorchBackend:
             self._mode = on
 
     def _inputs(self, batch: Batch) -> tuple[dict, torch.Tensor]:
-        if self.attn_impl == attention.ATTN_NAME and len(batch.input_ids) > 1:
-            batch = batch.flat()  # varlen attention keeps the examples apart: padding would be wasted work
+        if self.attn_impl == attention.ATTN_NAME:
+            # varlen attention keeps the examples apart: rows run end to end as one
+            batch = batch.flat(FLAT_MULTIPLE if self.prec.kind == "cuda" else 1, self.pad_id)
         mask_dtype = self.prec.dtype if self.prec.autocast else next(self.causal_lm.parameters()).dtype
         if not mask_dtype.is_floating_point:
             mask_dtype = torch.float32

@@ -60,12 +60,14 @@ class Batch:
                      [r[:width] for r in self.position_ids[start:stop]],
                      n_tokens=sum(1 for r in seg for s in r if s), n_supervised=sum(map(sum, mask)))
 
-    def flat(self) -> Batch:
+    def flat(self, multiple: int = 1, pad_id: int = 0) -> Batch:
         """All rows end to end as one row without padding, segments renumbered across rows.
 
         For attention that takes segment bounds (varlen on CUDA): the same examples, positions
         and targets, and no position of the step is spent on padding (which a padded batch of
-        length-grouped rows still has: up to a row's length per row).
+        length-grouped rows still has: up to a row's length per row). ``multiple`` > 1 pads the
+        row on the right to a multiple of it (segment 0, no targets), so that steps repeat a few
+        shapes.
         """
         ids: list[int] = []
         mask: list[int] = []
@@ -79,6 +81,8 @@ class Batch:
             seg += [offset + s for s in row_seg[:n]]
             pos += self.position_ids[r][:n]
             offset += max(row_seg[:n], default=0)
+        fill = -len(ids) % multiple
+        ids, mask, seg, pos = ids + [pad_id] * fill, mask + [0] * fill, seg + [0] * fill, pos + list(range(fill))
         return Batch([ids], [mask], [seg], [pos], n_tokens=self.n_tokens, n_supervised=self.n_supervised)
 
 
