@@ -45,6 +45,26 @@ def backend_for(model_dir, **kw) -> TorchBackend:
     return b
 
 
+def move_lora_off_zero(b: TorchBackend) -> None:
+    """B off zero, so the low-rank path contributes and gradients reach every layer."""
+    with torch.no_grad():
+        for p in b.params:
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+
+
+def step_of(b: TorchBackend, batch) -> tuple[float, list[torch.Tensor]]:
+    loss = b.forward_backward(batch, 1.0)
+    return loss, [p.grad.clone() for p in b.params]
+
+
+def assert_same_step(results, atol: float = 1e-7) -> None:
+    """Two (loss, LoRA gradients) results of one step, computed two ways, agree to fp32 noise."""
+    (ref, g_ref), (got, g_got) = results
+    assert got == pytest.approx(ref, rel=1e-6)
+    for a, c in zip(g_ref, g_got, strict=True):
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=atol)
+
+
 @pytest.fixture(scope="module")
 def backend(tiny_model_dir):
     b = backend_for(tiny_model_dir)
@@ -311,22 +331,16 @@ def test_lean_lora_forward_is_peft_forward(tiny_model_dir, use_dora, monkeypatch
     results = []
     for lean in (False, True):
         b = backend_for(tiny_model_dir, use_dora=use_dora)
-        with torch.no_grad():
-            for p in b.params:  # B off zero, so the low-rank path contributes
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+        move_lora_off_zero(b)
         layers = [m for m in b.model.modules() if "forward" in vars(m) and hasattr(m, "lora_A")]
         assert layers  # the backend installed the lean forward on every LoRA layer
         if not lean:
             for m in layers:
                 del m.forward  # peft's own forward again
         lean_calls.clear()
-        loss = b.forward_backward(batch, 1.0)
+        results.append(step_of(b, batch))
         assert bool(lean_calls) == lean
-        results.append((loss, [p.grad.clone() for p in b.params]))
-    (ref, g_ref), (got, g_got) = results
-    assert got == pytest.approx(ref, rel=1e-6)
-    for a, c in zip(g_ref, g_got, strict=True):
-        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-7)
+    assert_same_step(results)
 
 
 def test_cpu_recomputes_some_layers_with_the_same_gradients(tiny_model_dir):
@@ -343,12 +357,8 @@ def test_cpu_recomputes_some_layers_with_the_same_gradients(tiny_model_dir):
         if not recompute:
             for m in layers:
                 m.gradient_checkpointing = False
-        loss = b.forward_backward(batch, 1.0)
-        results.append((loss, [p.grad.clone() for p in b.params]))
-    (l1, g1), (l2, g2) = results
-    assert l1 == pytest.approx(l2, rel=1e-6)
-    for a, c in zip(g1, g2, strict=True):
-        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-8)
+        results.append(step_of(b, batch))
+    assert_same_step(results, atol=1e-8)
 
 
 def test_native_fused_rms_norm_is_the_transformers_norm(tiny_model_dir):
@@ -362,15 +372,9 @@ def test_native_fused_rms_norm_is_the_transformers_norm(tiny_model_dir):
         b = backend_for(tiny_model_dir, kernels=choice)
         norms = [m for m in b.causal_lm.modules() if type(m).__name__ in kernels.LLAMA_RMSNORMS]
         assert norms and all(("forward" in vars(m)) == (choice == "native") for m in norms)
-        with torch.no_grad():
-            for p in b.params:  # B off zero, so the gradients reach through every norm
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
-        loss = b.forward_backward(batch, 1.0)
-        results.append((loss, [p.grad.clone() for p in b.params]))
-    (ref, g_ref), (got, g_got) = results
-    assert got == pytest.approx(ref, rel=1e-6)
-    for a, c in zip(g_ref, g_got, strict=True):
-        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-7)
+        move_lora_off_zero(b)
+        results.append(step_of(b, batch))
+    assert_same_step(results)
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3", "gemma", "olmo2"])
