@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Driver for the device machine (the `device` tool runs it in the repo root): install the
 # carried wheels, then run stages in order, logging under $OUT. Usage: bash bench/device.sh STAGE...
+# The carried folders (.whl, .whl_small, .mlxa, .mlxb) are made here by `bash bench/carry.sh`.
 #   checks  varlen attention and Liger against SDPA on a small model (losses, gradients, isolation)
 #   1b      1B bf16 + 1B QLoRA suites (carry .whl .whl_small; .mlxa too, to leave it for the mlx call)
 #   proof   `llm-ft train` bf16 LoRA and QLoRA runs of the 1B model (carry .benchtok)
 #   mlx     MLX-CUDA vs mlx_lm.lora (+ torch) (carry .mlxb; the call right after one that carried .mlxa)
 #   8b, 8bq 8B bf16, 8B QLoRA suites;  longest: 8B QLoRA longest batch-1 sequence, ours vs B0
+#   profile torch.profiler over 1B uniform-length steps (PROFILE_ARGS, e.g. "--kernels off --flat-multiple 1")
 #   export  merge + GGUF of the 1B-size run vs cp on the device's 16 cores and disk (carry .whl .benchtok)
 set -o pipefail
 OUT=${OUT:-/tmp/out}
@@ -34,6 +36,7 @@ case $stage in
   mlx)
     python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())" 2>&1 | tee "$log"
     python3 -m bench.gpu_mlx --out "$OUT" ${MLX_ARGS:-} 2>&1 | tee -a "$log" ;;
+  profile) python3 -m bench.gpu_profile ${PROFILE_ARGS:-} 2>&1 | tee "$log" ;;
   8b) python3 -m bench.gpu_torch --suite 8b-bf16 --steps 12 --warmup 2 --out "$OUT" 2>&1 | tee "$log" ;;
   1bx) python3 -m bench.gpu_torch --suite 1b-diag --out "$OUT" 2>&1 | tee "$log" ;;
   8bq) python3 -m bench.gpu_torch --suite 8b-qlora --steps 10 --warmup 2 --out "$OUT" 2>&1 | tee "$log" ;;
