@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -294,11 +295,8 @@ def paired_speed_ratio(ours: dict, base: dict) -> float | None:
     skip = max(int(ours.get("warmup_steps") or 0), int(base.get("warmup_steps") or 0))
     if len(o) != len(b) or len(o) <= skip or ours.get("tokens") != base.get("tokens"):
         return None
-    ratios = sorted(y / x for x, y in zip(o[skip:], b[skip:], strict=True) if x > 0)
-    if not ratios:
-        return None
-    mid = len(ratios) // 2
-    return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+    ratios = [y / x for x, y in zip(o[skip:], b[skip:], strict=True) if x > 0]
+    return statistics.median(ratios) if ratios else None
 
 
 def render(results: list[dict[str, Any]]) -> str:

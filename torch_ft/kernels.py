@@ -57,14 +57,18 @@ def fuse_rms_norms(model) -> int:
     return n
 
 
+def _native(model) -> str | None:
+    n = fuse_rms_norms(model)
+    return f"torch's fused RMSNorm ({n} norms)" if n else None
+
+
 def apply(model, prec: Precision, choice: str = "auto") -> str | None:
     """Patch ``model`` (a transformers CausalLM, before peft) with fused kernels; a note, or None."""
     if choice == "off" or (choice == "auto" and prec.kind != "cuda"):
         return None  # on the CPU the fused op is the same composite of ops (--kernels native applies it anyway)
     hidden = int(getattr(model.config, "hidden_size", 0) or 0)
     if choice == "native" or (choice == "auto" and (not liger_usable(prec) or hidden < LIGER_MIN_HIDDEN)):
-        n = fuse_rms_norms(model)
-        return f"torch's fused RMSNorm ({n} norms)" if n else None
+        return _native(model)
     if not liger_usable(prec):
         raise UserError(f"--kernels liger: needs an NVIDIA GPU and liger-kernel (this run: {prec.device})",
                         ["pip install 'llm-ft[cuda]'", "or --kernels auto"])
@@ -74,8 +78,7 @@ def apply(model, prec: Precision, choice: str = "auto") -> str | None:
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         if choice == "liger":
             raise UserError(f"--kernels liger: Liger has no kernels for model type {model_type!r}")
-        n = fuse_rms_norms(model)
-        return f"torch's fused RMSNorm ({n} norms)" if n else None
+        return _native(model)
     logging.getLogger("liger_kernel").setLevel(logging.WARNING)
     _apply_liger_kernel_to_instance(model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False)
