@@ -16,7 +16,7 @@ from bench import common as bc
 
 DATASETS = {"uniform": {"median": 256, "sigma": 0.1, "max_len": 512},
             "variable": {"median": 200, "sigma": 0.75, "max_len": 2048}}
-SIDES = ["ours_mlx", "mlx_lm", "ours_mlx_packed", "mlx_lm_packedplan", "ours_torch", "ours_torch_compile",
+SIDES = ["ours_mlx", "mlx_lm", "ours_mlx_exact_targets", "ours_mlx_packed", "mlx_lm_packedplan", "ours_torch", "ours_torch_compile",
          "ours_torch_nokernels", "ours_torch_packed"]
 
 

@@ -6,6 +6,7 @@ CUDA backend). Per dataset, in this order:
 - ``mlx_lm``: mlx-lm's trainer on our length-grouped plan (batches of similar length, as
   mlx-lm's own iterator sorts them), LoRA initialised from ours;
 - ``ours_mlx``: our MLX backend through the loop on that same plan (per-step losses compared);
+  ``ours_mlx_exact_targets``: the same with the target count rounded to a multiple of 32 only (round 4);
 - ``ours_mlx_packed``: our MLX backend with packing (its own plan: speed only);
 - ``ours_torch`` / ``ours_torch_packed``: our torch backend, the same two ways, in a child process
   (``ours_torch_compile``: length-grouped with ``--compile on``).
@@ -79,13 +80,41 @@ def run_dataset(tag: str, *, model_dir: Path, examples: list, pad_id: int, steps
                                     f"{bc.human_bytes(out[key].get('peak_memory_bytes'))}" if "error" not in out[key]
                                     else "FAILED " + out[key]["error"][-600:]), flush=True)
 
-    if "ours_mlx" in sides_wanted or "mlx_lm" in sides_wanted:
-        s = _mlx_side(ours.run, cfg_g, model_dir, data, steps, label="ours MLX, length-grouped",
-                      backend_name="mlx", plan=plan, after_setup=snapshot)
+    def watch_shapes(backend, shapes: set, target_bits: str = "default") -> None:
+        """Records the distinct (inputs, targets) shapes the compiled step sees (each one is a trace)."""
+        if target_bits != "default":
+            backend.target_bits = target_bits
+        views = backend._views
+
+        def recorded(batch):
+            v = views(batch)
+            shapes.add((tuple(v.inputs.shape), int(v.picks.shape[0])))
+            return v
+
+        backend._views = recorded
+
+    def ours_mlx(key: str, label: str, first: bool, **watch) -> None:
+        shapes: set = set()
+
+        def after_setup(backend) -> None:
+            if first:
+                snapshot(backend)
+            watch_shapes(backend, shapes, **watch)
+
+        mx.reset_peak_memory()
+        s = _mlx_side(ours.run, cfg_g, model_dir, data, steps, label=label, backend_name="mlx", plan=plan,
+                      after_setup=after_setup)
         if not isinstance(s, dict):
             s.peak_memory_bytes, s.memory_kind = int(mx.get_peak_memory()), "mlx peak"
+            s.extra["compiled_shapes"] = len(shapes)
             ours.release(s)
-        summarize("ours_mlx", s)
+        summarize(key, s)
+
+    if "ours_mlx" in sides_wanted or "mlx_lm" in sides_wanted:
+        ours_mlx("ours_mlx", "ours MLX, length-grouped", first=True)
+    if "ours_mlx_exact_targets" in sides_wanted:  # round 4's shapes: target count rounded to 32 only
+        ours_mlx("ours_mlx_exact_targets", "ours MLX, length-grouped, target count to a multiple of 32 only",
+                 first=False, target_bits=None)
     if "mlx_lm" in sides_wanted:
         targets = list(cfg_g.targets)
         s = _mlx_side(mlx_lm_lora.run, model_dir, examples, plan, lora={"r": 16, "alpha": 32.0, "targets": targets},
@@ -122,7 +151,7 @@ def run_dataset(tag: str, *, model_dir: Path, examples: list, pad_id: int, steps
     rtol = MLX_RTOL[dtype]
     # Variable lengths: the 1.5x target is ours packed against mlx-lm with its length-sorted batches (different
     # batches, so no per-step losses); the packed run's losses are checked against mlx-lm fed its exact steps.
-    pairs = [("ours_mlx", "mlx_lm", 1.0, None, rtol),
+    pairs = [("ours_mlx", "mlx_lm", 1.0, None, rtol), ("ours_mlx", "ours_mlx_exact_targets", None, None, rtol),
              ("ours_mlx_packed", "mlx_lm", 1.5 if variable else None, None, None),
              ("ours_mlx_packed", "mlx_lm_packedplan", None, None, rtol),
              ("ours_torch", "mlx_lm", 1.0, None, rtol), ("ours_torch_compile", "mlx_lm", None, None, rtol),

@@ -6,13 +6,15 @@ one function computes loss and gradients of a micro-batch (loss at the supervise
 only, :mod:`mlx_ft.loss`), another clips, applies AdamW and keeps the old values when the
 gradient norm is not finite. Only the loss is read back after the forward pass; the
 backward pass, the clipping and the update of a step are evaluated together as one graph
-(gradients of several micro-batches are summed in between).
+(gradients of several micro-batches are summed in between). On the CPU a micro-batch runs
+in parts, one MLX stream per core (:mod:`mlx_ft.lanes`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from mlx_lm.utils import get_total_parameters
 from common.errors import UserError
 from common.io import atomic_path, write_json
 from common.train.backend import BackendInfo, Batch, StepStats
-from mlx_ft import lora, peft_format
+from mlx_ft import lanes, lora, peft_format
 from mlx_ft import loss as mlxloss
 from mlx_ft import model as mlxm
 
@@ -34,6 +36,9 @@ RNG_FILE = "mlx_rng.json"
 BETAS = (0.9, 0.999)  # torch's AdamW defaults, which the torch backend uses
 EPS = 1e-8
 GPU_SHAPE_MULTIPLE = 32  # on a GPU, row width and target count are padded to multiples of this (as mlx-lm pads)
+# ... and the target count to this many significant bits (<= 12.5% filler rows at the output head): a
+# length-grouped step's count of targets is new in nearly every batch, and each new count was a new trace.
+GPU_TARGET_BITS = 4
 
 
 class AdamW(optim.AdamW):
@@ -111,6 +116,10 @@ class MLXBackend:
         # cost more than a new trace.
         gpu = mx.default_device().type == mx.gpu
         self.shape_multiple = GPU_SHAPE_MULTIPLE if gpu else 1
+        self.target_bits = GPU_TARGET_BITS if gpu else None
+        # On the CPU a micro-batch runs in parts on one stream per core (mlx_ft.lanes): MLX's bundled BLAS
+        # uses one thread, a stream runs its work in order, and each stream has a thread of its own.
+        self.set_lanes(lanes.default_lanes(not gpu))
         self.packed_width = int(cfg.max_seq_length) if gpu and cfg.packing else 1
         self._new_optimizer()
         mx.eval(model.parameters())
@@ -118,10 +127,16 @@ class MLXBackend:
         trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
         # mlx-lm's count unpacks 4/8-bit weights but skips the LoRA layers' own arrays
         total = get_total_parameters(model) + trainable
-        notes.insert(0, f"mlx {mx.__version__} on {mlxm.device_name()}, compiled step: {self.compile}")
+        notes.insert(0, f"mlx {mx.__version__} on {mlxm.device_name()}, compiled step: {self.compile}"
+                     + (f", micro-batches in {self.lanes} parts on {self.lanes} CPU streams" if self.lanes > 1 else ""))
         leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
         return BackendInfo(device=mlxm.device_name(), dtype=str(self.dtype).split(".")[-1], trainable_params=trainable,
                            total_params=total, target_modules=leaves, notes=notes)
+
+    def set_lanes(self, n: int) -> None:
+        """Run each micro-batch in ``n`` parts, each on a CPU stream of its own (1: whole, on the default stream)."""
+        self.lanes = n
+        self._streams = [mx.new_stream(mx.cpu) for _ in range(n)] if n > 1 else []
 
     def _new_optimizer(self) -> None:
         self.optimizer = AdamW(learning_rate=0.0, betas=list(BETAS), eps=EPS, weight_decay=self.weight_decay,
@@ -168,7 +183,6 @@ class MLXBackend:
     # -- batches -----------------------------------------------------------------
 
     def _views(self, batch: Batch) -> mlxloss.LossViews:
-        self.received = mlxm.batch_arrays(batch)
         packed = mlxm.is_packed(batch)
         if packed:
             if not self.rope:
@@ -176,7 +190,7 @@ class MLXBackend:
                                 "(mlx-lm models take no position ids)")
             mlxm.check_positions(batch)
         width = self.packed_width if packed else self.shape_multiple
-        return mlxloss.views(batch, self.pad_id, packed, width, self.shape_multiple)
+        return mlxloss.views(batch, self.pad_id, packed, width, self.shape_multiple, self.target_bits)
 
     def _mode(self, training: bool) -> None:
         if self.model.training != training:  # train()/eval() walk every module: only on a change
@@ -184,18 +198,34 @@ class MLXBackend:
 
     # -- training ----------------------------------------------------------------
 
+    def _parts(self, batch: Batch) -> list[tuple[Batch, Any]]:
+        """The batch's parts and the stream (a context) each runs on: one part, the default stream, off the CPU."""
+        self.received = mlxm.batch_arrays(batch)
+        if not self._streams:
+            return [(batch, nullcontext())]
+        parts = lanes.split(batch, self.lanes, self.pad_id)
+        return [(part, mx.stream(stream)) for part, stream in zip(parts, self._streams, strict=False)]
+
     def forward_backward(self, batch: Batch, scale: float) -> float:
         """Runs the forward pass now (the loss is returned); the backward pass stays lazy until
-        ``optimizer_step`` or the next micro-batch, so a step of one micro-batch is one graph."""
+        ``optimizer_step`` or the next micro-batch, so a step of one micro-batch is one graph.
+        On the CPU the batch's parts (lanes) run side by side and their gradients add up."""
         self._mode(True)
-        v = self._views(batch)
+        parts = self._parts(batch)
         if self._grads is not None:
             mx.eval(self._grads)  # finish the previous micro-batch first: one batch's activations at a time
         mx.random.seed(_mix(self.seed, self.draws))  # dropout masks depend on (seed, micro-batch) only
         self.draws += 1
-        total, grads = self._fb(v.inputs, v.segments, v.picks, v.targets, v.weights,
-                                mx.array(scale, dtype=mx.float32))
-        value = float(total)
+        scale_arr = mx.array(scale, dtype=mx.float32)
+        totals, grads = [], None
+        for part, stream in parts:
+            v = self._views(part)
+            with stream:
+                total, g = self._fb(v.inputs, v.segments, v.picks, v.targets, v.weights, scale_arr)
+            totals.append(total)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+        mx.eval(totals)  # every part's forward pass at once
+        value = sum(float(t) for t in totals)
         if not math.isfinite(value):
             self._nonfinite = True  # its gradients are NaN too; the step will be skipped
             return value
@@ -217,11 +247,17 @@ class MLXBackend:
 
     def eval_loss(self, batch: Batch) -> tuple[float, int]:
         self._mode(False)
-        v = self._views(batch)
-        total = mlxloss.loss_sum(self.model, self.head, v.inputs, v.segments, v.picks, v.targets, v.weights)
-        value = float(total)
+        totals, count = [], 0
+        for part, stream in self._parts(batch):
+            v = self._views(part)
+            with stream:
+                totals.append(mlxloss.loss_sum(self.model, self.head, v.inputs, v.segments, v.picks, v.targets,
+                                               v.weights))
+            count += v.count
+        mx.eval(totals)
+        value = sum(float(t) for t in totals)
         self._mode(True)
-        return value, v.count
+        return value, count
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
         from mlx_lm.generate import generate_step

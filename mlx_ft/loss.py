@@ -6,7 +6,9 @@ before the output head, so prompt and padding positions cost no lm_head matmul a
 are fp32 (the cast covers the (targets, vocab) logits only).
 
 Shapes can reach ``mx.compile`` rounded up (row width to ``width_multiple``, number of
-targets to ``target_multiple``): each new shape is a new trace, and on a GPU new kernels.
+targets to ``target_multiple`` and to ``target_bits`` significant bits): each new shape is a
+new trace, and on a GPU new kernels. The width of length-grouped batches takes a few values;
+the number of targets moves with every batch, so it is bucketed geometrically.
 """
 
 from __future__ import annotations
@@ -41,7 +43,20 @@ def _round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
-def views(batch, pad_id: int, packed: bool, width_multiple: int = 1, target_multiple: int = 1) -> LossViews:
+def bucket(n: int, multiple: int = 1, bits: int | None = None) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` and, with ``bits``, to a number whose binary
+    form has at most ``bits`` significant bits (above ``multiple``): at most ``2 ** (1 - bits)``
+    filler on top of ``n`` (12.5% for 4 bits), and about ``2 ** (bits - 1)`` sizes per doubling of n.
+    """
+    size = _round_up(n, multiple)
+    if bits is not None and size > 1:
+        step = 2 ** max(0, (size - 1).bit_length() - bits)  # n in (2^(k-1), 2^k]: steps of 2^(k-bits)
+        size = _round_up(size, max(multiple, step))
+    return size
+
+
+def views(batch, pad_id: int, packed: bool, width_multiple: int = 1, target_multiple: int = 1,
+          target_bits: int | None = None) -> LossViews:
     """The loss views of a :class:`~common.train.backend.Batch` (next-token targets, logits at t predict t+1).
 
     A target counts when ``loss_mask[t+1] == 1`` and t+1 lies in the same (non-padding)
@@ -55,7 +70,7 @@ def views(batch, pad_id: int, packed: bool, width_multiple: int = 1, target_mult
     hit = (mask[:, 1:] > 0) & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
     r, t = np.nonzero(hit)
     n = len(r)
-    size = _round_up(n, target_multiple)
+    size = bucket(n, target_multiple, target_bits)
     picks = np.zeros(size, np.int32)
     targets = np.zeros(size, np.int32)
     weights = np.zeros(size, np.float32)

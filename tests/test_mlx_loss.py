@@ -41,10 +41,14 @@ def test_loss_at_targets_equals_the_full_logits_loss(arch, tie, head, tiny_token
     exs = examples(lengths=(11, 6, 8, 9))
     for batch in (make_batch([[e] for e in exs], 0), make_batch([exs[:2], exs[2:]], 0)):
         expected = sum(full_logits_loss(backend, e) for e in exs)
-        for multiple in (1, 32):  # rounding shapes up (as on a GPU) adds padding columns and filler targets only
+        # rounding shapes up (as on a GPU) adds padding columns and filler targets only
+        for multiple, bits in ((1, None), (32, None), (1, 2)):
             backend.shape_multiple = backend.packed_width = multiple
-            v = mlxloss.views(batch, 0, packed=is_packed(batch), width_multiple=multiple, target_multiple=multiple)
+            backend.target_bits = bits
+            v = mlxloss.views(batch, 0, packed=is_packed(batch), width_multiple=multiple, target_multiple=multiple,
+                              target_bits=bits)
             assert v.inputs.shape[1] % multiple == 0 and v.picks.shape[0] % multiple == 0
+            assert v.picks.shape[0] == mlxloss.bucket(batch.n_supervised, multiple, bits)
             assert v.count == batch.n_supervised
             s, n = backend.eval_loss(batch)
             assert n == batch.n_supervised and s == pytest.approx(expected, rel=1e-5)
@@ -74,7 +78,7 @@ def test_rounded_shapes_train_like_exact_ones(tiny_model_dir):
     # The GPU's rounding (padding columns, filler targets, packed rows at full length) must not change a step.
     micro = [make_batch([[e] for e in examples()[:2]], 0), make_batch([examples()[2:]], 0)]
     exact, rounded = mlx_backend(tiny_model_dir), mlx_backend(tiny_model_dir)
-    rounded.shape_multiple, rounded.packed_width = 32, 64
+    rounded.shape_multiple, rounded.packed_width, rounded.target_bits = 32, 64, 2
     for _ in range(2):
         for b in (exact, rounded):
             total = sum(m.n_supervised for m in micro)
@@ -85,3 +89,16 @@ def test_rounded_shapes_train_like_exact_ones(tiny_model_dir):
     a, b = (dict(tree_flatten(x.model.trainable_parameters())) for x in (exact, rounded))
     for k in a:
         np.testing.assert_allclose(np.array(b[k]), np.array(a[k]), atol=1e-6, err_msg=k)
+
+
+def test_target_buckets_bound_the_filler_and_the_number_of_shapes():
+    # Guards MLX-CUDA's trace count: with counts rounded to 32 only, nearly every length-grouped batch had a
+    # new number of targets, so a new mx.compile trace (round 4 of bench/RESULTS.md).
+    sizes = [mlxloss.bucket(n, 32, 4) for n in range(1, 9000)]
+    for n, size in enumerate(sizes, start=1):
+        assert size >= n and size % 32 == 0, n
+        assert size - n < max(32, n / 8), n  # at most 12.5% filler rows at the head
+    assert len(set(sizes[2048:4096])) == 8  # counts 2049..4096 share 8 shapes (64 with multiples of 32 only)
+    assert len({mlxloss.bucket(n, 32) for n in range(2049, 4097)}) == 64
+    assert mlxloss.bucket(2660, 32, 4) == 2816
+    assert [mlxloss.bucket(n) for n in (1, 37, 2660)] == [1, 37, 2660]  # the CPU's exact counts

@@ -108,6 +108,7 @@ def run(model_dir, examples: Sequence[Example], plan: list[list[int]], *, lora: 
         side.computed.append(widths[i] - len(idx))  # the trainer drops the last column (inputs = batch[:, :-1])
     side.peak_memory_bytes = int(mx.get_peak_memory())
     side.memory_kind = "mlx peak"
+    side.extra["compiled_shapes"] = len(set(zip(map(len, plan), widths, strict=True)))  # its step is traced per shape
     side.extra["mlx_lm_train_time_s"] = [1.0 / r["iterations_per_second"] for r in reports]
     side.settings = {"trainer": "mlx_lm.tuner.trainer.train", "optimizer": "Adam(bias_correction=True)", "lr": lr,
                      "lora": dict(lora), "scale": lora["alpha"] / lora["r"], "keys": lora_keys(lora["targets"]),
