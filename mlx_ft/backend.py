@@ -199,7 +199,8 @@ class MLXBackend:
     # -- training ----------------------------------------------------------------
 
     def _parts(self, batch: Batch) -> list[tuple[Batch, Any]]:
-        """The batch's parts and the stream (a context) each runs on: one part, the default stream, off the CPU."""
+        """The batch's parts, each with the stream (a context) it runs on; with one lane (GPUs, macOS) the
+        whole batch on the default stream."""
         self.received = mlxm.batch_arrays(batch)
         if not self._streams:
             return [(batch, nullcontext())]
