@@ -80,10 +80,10 @@ def run_dataset(tag: str, *, model_dir: Path, examples: list, pad_id: int, steps
                                     f"{bc.human_bytes(out[key].get('peak_memory_bytes'))}" if "error" not in out[key]
                                     else "FAILED " + out[key]["error"][-600:]), flush=True)
 
-    def watch_shapes(backend, shapes: set, target_bits: str = "default") -> None:
+    def watch_shapes(backend, shapes: set, exact_targets: bool) -> None:
         """Records the distinct (inputs, targets) shapes the compiled step sees (each one is a trace)."""
-        if target_bits != "default":
-            backend.target_bits = target_bits
+        if exact_targets:
+            backend.target_bits = None  # round 4's shapes: the target count to a multiple of 32 only
         views = backend._views
 
         def recorded(batch):
@@ -93,13 +93,13 @@ def run_dataset(tag: str, *, model_dir: Path, examples: list, pad_id: int, steps
 
         backend._views = recorded
 
-    def ours_mlx(key: str, label: str, first: bool, **watch) -> None:
+    def ours_mlx(key: str, label: str, first: bool, exact_targets: bool = False) -> None:
         shapes: set = set()
 
         def after_setup(backend) -> None:
             if first:
                 snapshot(backend)
-            watch_shapes(backend, shapes, **watch)
+            watch_shapes(backend, shapes, exact_targets)
 
         mx.reset_peak_memory()
         s = _mlx_side(ours.run, cfg_g, model_dir, data, steps, label=label, backend_name="mlx", plan=plan,
@@ -112,9 +112,9 @@ def run_dataset(tag: str, *, model_dir: Path, examples: list, pad_id: int, steps
 
     if "ours_mlx" in sides_wanted or "mlx_lm" in sides_wanted:
         ours_mlx("ours_mlx", "ours MLX, length-grouped", first=True)
-    if "ours_mlx_exact_targets" in sides_wanted:  # round 4's shapes: target count rounded to 32 only
+    if "ours_mlx_exact_targets" in sides_wanted:
         ours_mlx("ours_mlx_exact_targets", "ours MLX, length-grouped, target count to a multiple of 32 only",
-                 first=False, target_bits=None)
+                 first=False, exact_targets=True)
     if "mlx_lm" in sides_wanted:
         targets = list(cfg_g.targets)
         s = _mlx_side(mlx_lm_lora.run, model_dir, examples, plan, lora={"r": 16, "alpha": 32.0, "targets": targets},

@@ -9,7 +9,7 @@ same step, with summation order the only difference).
 
 A part is a set of whole rows; a batch with fewer rows than lanes (a packed row, typically)
 has its rows cut at example (segment) boundaries first. Cutting there changes nothing: a
-target counts only within its own segment, and each segment's positions restart at 0.
+target counts only within its own example, and each example's positions restart at 0.
 """
 
 from __future__ import annotations
@@ -17,7 +17,11 @@ from __future__ import annotations
 import os
 import sys
 
+import numpy as np
+
+from common.rows import Example
 from common.train.backend import Batch
+from common.train.batching import make_batch
 
 MAX_LANES = 8  # more streams than this only adds traces and memory for what one BLAS thread each does
 
@@ -36,49 +40,49 @@ def default_lanes(device_is_cpu: bool) -> int:
     return max(1, min(MAX_LANES, cores))
 
 
-Row = tuple[list[int], list[int], list[int], list[int]]  # (ids, loss mask, segment ids, positions), unpadded
+Row = list[Example]  # a row as its examples (segments), in order
+
+
+def _examples(batch: Batch, r: int) -> Row:
+    """Row ``r`` of ``batch`` as its segments, padding dropped."""
+    ids, mask, seg = batch.input_ids[r], batch.loss_mask[r], batch.segment_ids[r]
+    out: Row = []
+    for t, s in enumerate(seg):
+        if s == 0:
+            break  # padding is on the right
+        if t == 0 or s != seg[t - 1]:
+            out.append(Example([], []))
+        out[-1].input_ids.append(ids[t])
+        out[-1].loss_mask.append(mask[t])
+    return out
+
+
+def _size(row: Row) -> int:
+    return sum(len(e) for e in row)
 
 
 def _cut(row: Row) -> list[Row]:
-    """``row`` as two rows cut at the segment boundary nearest its middle (or whole, if one segment)."""
-    seg = row[2]
-    starts = [t for t in range(1, len(seg)) if seg[t] != seg[t - 1]]
-    if not starts:
+    """``row`` as two rows cut at the example boundary nearest its middle (or whole, if one example)."""
+    if len(row) < 2:
         return [row]
-    cut = min(starts, key=lambda t: abs(2 * t - len(seg)))
-    return [tuple(x[:cut] for x in row), tuple(x[cut:] for x in row)]
-
-
-def _batch(rows: list[Row], pad_id: int) -> Batch:
-    width = max(len(r[0]) for r in rows)
-    ids, mask, seg, pos = [], [], [], []
-    for i, m, s, p in rows:
-        fill = width - len(i)
-        ids.append(list(i) + [pad_id] * fill)
-        mask.append(list(m) + [0] * fill)
-        seg.append(list(s) + [0] * fill)
-        pos.append(list(p) + list(range(p[-1] + 1, p[-1] + 1 + fill)))  # padding continues (as make_batch pads)
-    supervised = sum(map(sum, mask))  # a segment's first token is never marked (make_batch)
-    return Batch(ids, mask, seg, pos, n_tokens=sum(len(r[0]) for r in rows), n_supervised=supervised)
+    ends = np.cumsum([len(e) for e in row])[:-1]  # token offset of each boundary
+    k = 1 + int(np.argmin(np.abs(2 * ends - _size(row))))
+    return [row[:k], row[k:]]
 
 
 def split(batch: Batch, lanes: int, pad_id: int) -> list[Batch]:
     """``batch`` as at most ``lanes`` batches of rows, balanced by tokens.
 
-    While there are fewer rows than lanes, the longest row is cut at the segment boundary
+    While there are fewer rows than lanes, the longest row is cut at the example boundary
     nearest its middle (if it has one); then the rows go, longest first, to the part with the
-    fewest tokens. One lane, or one row that cannot be cut,
-    returns ``[batch]`` unchanged.
+    fewest tokens. Each part is built by :func:`~common.train.batching.make_batch`. One lane,
+    or one row that cannot be cut, returns ``[batch]`` unchanged.
     """
     if lanes <= 1:
         return [batch]
-    rows: list[Row] = []
-    for ids, mask, seg, pos in zip(batch.input_ids, batch.loss_mask, batch.segment_ids, batch.position_ids,
-                                   strict=True):
-        n = sum(1 for s in seg if s)  # padding is on the right
-        rows.append((ids[:n], mask[:n], seg[:n], pos[:n]))
+    rows = [_examples(batch, r) for r in range(len(batch.input_ids))]
     while len(rows) < lanes:  # packed rows stay whole when there are rows enough: cutting adds padding
-        longest = max(range(len(rows)), key=lambda k: len(rows[k][0]))
+        longest = max(range(len(rows)), key=lambda k: _size(rows[k]))
         pieces = _cut(rows[longest])
         if len(pieces) == 1:
             break
@@ -88,8 +92,8 @@ def split(batch: Batch, lanes: int, pad_id: int) -> list[Batch]:
     # longest row first, each to the part with the fewest tokens so far (parts differ by at most one row)
     parts: list[list[Row]] = [[] for _ in range(min(lanes, len(rows)))]
     load = [0] * len(parts)
-    for row in sorted(rows, key=lambda r: -len(r[0])):
+    for row in sorted(rows, key=lambda r: -_size(r)):
         k = load.index(min(load))
         parts[k].append(row)
-        load[k] += len(row[0])
-    return [_batch(p, pad_id) for p in parts]
+        load[k] += _size(row)
+    return [make_batch(p, pad_id) for p in parts]
