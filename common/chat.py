@@ -14,6 +14,7 @@ from typing import Literal, TextIO
 
 from common.command import main_for, make_parser
 from common.config import opt, register
+from common.prompts import TEMPLATE_NAMES
 
 HELP = """commands:
   /reset         forget the conversation (the system prompt stays)
@@ -28,25 +29,15 @@ class ChatConfig:
                       positional=True)
     prompt: str | None = opt(None, "one-shot: answer this message, print only the answer to stdout, and exit")
     system: str | None = opt(None, "system prompt text (default: the run's; none for a plain model); '' for none")
-    temperature: float = opt(0.0, "sampling temperature; 0 is greedy")
-    top_p: float = opt(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
-    max_new_tokens: int = opt(512, "longest answer, in tokens")
-    seed: int = opt(0, "random seed for sampling (temperature > 0)")
-    chat_template: str | None = opt(None, "override the chat template: chatml, llama3, alpaca or a .jinja file")
+    temperature: float = opt(0.0, "sampling temperature; 0 is greedy", min=0)
+    top_p: float = opt(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability", gt=0, max=1)
+    max_new_tokens: int = opt(512, "longest answer, in tokens", min=1)
+    seed: int = opt(0, "random seed for sampling (temperature > 0)", min=0)
+    chat_template: str | None = opt(None, f"override the chat template: {TEMPLATE_NAMES} or a .jinja file")
     backend: Literal["auto", "torch", "mlx"] = opt("auto", "engine for runs and models (GGUF files use llama.cpp); "
                                                   "auto = the run's backend, else MLX on Apple Silicon, else torch")
     tokenizer: str | None = opt(None, "Hugging Face tokenizer directory whose chat template renders prompts for a GGUF")
-    n_ctx: int = opt(4096, "llama.cpp context length in tokens")
-
-    def validate(self) -> list[str]:
-        problems = []
-        if self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            problems.append(f"temperature: must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p: must be in (0, 1], got {self.top_p}")
-        return problems
+    n_ctx: int = opt(4096, "llama.cpp context length in tokens", min=1)
 
 
 class ChatSession:

@@ -14,9 +14,10 @@ from typing import Any
 
 from common.command import main_for, make_parser
 from common.config import opt, register
-from common.data import LintReport, Splits, encode_split, load_splits
+from common.data import LintReport, Splits, load_splits
 from common.errors import UserError
 from common.options import DataOptions, ModelOptions
+from common.prompts import encode_split
 from common.rows import Conversation
 
 MAX_SHOWN = 50  # problems printed before "... and N more"
@@ -30,14 +31,6 @@ class CheckDataConfig(ModelOptions, DataOptions):
                                 "(default: the --data option, i.e. data)")
     tokens: bool = opt(True, "token statistics per split (loads only the --model's tokenizer; "
                              "--no-tokens skips them)")
-
-    def validate(self) -> list[str]:
-        problems = []
-        if self.max_seq_length < 1:
-            problems.append(f"max_seq_length: must be >= 1, got {self.max_seq_length}")
-        if not 0 <= self.valid_fraction < 1:
-            problems.append(f"valid_fraction: must be in [0, 1), got {self.valid_fraction}")
-        return problems
 
 
 @dataclass

@@ -1,19 +1,167 @@
-"""Glue shared by subcommands: parse flags into a config, then run it."""
+"""Glue between the config dataclasses and argparse: flags, grouped help, hints for mistyped flags.
+
+Flags are generated from the dataclasses (:func:`add_arguments`); :class:`Parser` adds a
+"did you mean" to an unknown flag, and knows the names Hugging Face, Unsloth and mlx-lm
+users type (``--learning_rate``, ``--num_train_epochs``...).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any, Literal, get_args, get_origin
 
 from common import config
 from common.cli import run_command
+from common.errors import nearest
+
+# Flag names of other trainers (transformers' TrainingArguments, TRL, Unsloth, mlx-lm, PEFT)
+# -> ours. Only hints: a hint is shown when its target exists in the parser at hand.
+FOREIGN_FLAGS: dict[str, str] = {
+    "learning_rate": "lr", "lora_rank": "lora_r", "rank": "lora_r", "r": "lora_r",
+    "num_train_epochs": "epochs", "num_epochs": "epochs", "iters": "max_steps",
+    "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "grad_accumulation": "grad_accum",
+    "max_seq_len": "max_seq_length", "max_length": "max_seq_length", "cutoff_len": "max_seq_length",
+    "sequence_len": "max_seq_length",
+    "output_dir": "out", "adapter_path": "out", "model_name": "model", "model_name_or_path": "model",
+    "base_model": "model", "target_modules": "targets", "lora_target_modules": "targets",
+    "gradient_checkpointing": "grad_checkpoint", "use_gradient_checkpointing": "grad_checkpoint",
+    "lr_scheduler_type": "schedule", "lr_scheduler": "schedule", "warmup": "warmup_steps",
+    "logging_steps": "log_every", "steps_per_report": "log_every",
+    "eval_steps": "eval_every", "steps_per_eval": "eval_every", "val_batches": "eval_batches",
+    "save_steps": "save_every", "save_total_limit": "keep", "resume_from_checkpoint": "resume",
+    "dataset": "data", "train_file": "data", "dataset_text_field": "data", "data_path": "data",
+    "chat_template_path": "chat_template", "bf16": "dtype", "fp16": "dtype",
+    "max_new_tokens_eval": "max_new_tokens", "quantization": "quant", "quantization_method": "quant",
+}
+
+
+def flag_hint(flag: str, known: Sequence[str]) -> str | None:
+    """The flag a user most likely meant by the unknown ``flag`` (e.g. ``--learning_rate`` -> ``--lr``)."""
+    known = list(known)
+    name = flag.lstrip("-").split("=", 1)[0]
+    key = name.replace("-", "_").lower()
+    for candidate in (key, FOREIGN_FLAGS.get(key), FOREIGN_FLAGS.get(key.removeprefix("lora_"))):
+        if candidate and config.flag(candidate) in known:
+            return config.flag(candidate)
+    for prefix in ("no_", "use_"):  # --no_packing, --use_dora spelt with underscores
+        if key.startswith(prefix) and config.flag(key) in known:
+            return config.flag(key)
+    return nearest("--" + key.replace("_", "-"), [k for k in known if k.startswith("--")])
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose "unrecognized arguments" error names the flag meant."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        unknown = [a for a in extras if a.startswith("-") and not _is_number(a)]
+        if unknown and self._subparsers is None:
+            known = [s for action in self._actions for s in action.option_strings]
+            lines = []
+            for a in unknown:
+                hint = flag_hint(a, known)
+                lines.append(f"unknown option {a.split('=', 1)[0]}" + (f" (did you mean {hint}?)" if hint else ""))
+            self.error("; ".join(lines))
+        return parsed, extras
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def group_title(cls, name: str) -> str | None:
+    """The ``GROUP`` title of the option class that declares field ``name`` (None: the class has none)."""
+    for klass in reversed(cls.__mro__):
+        if name in klass.__dict__.get("__annotations__", {}):
+            return klass.__dict__.get("GROUP")
+    return None
+
+
+def _help(f: dataclasses.Field, base, default) -> str:
+    """A field's help with its default shown, escaped for argparse (which %-formats help strings)."""
+    text = f.metadata.get("help", "")
+    if base is bool:
+        text = f"{text} (default: {'on' if default else 'off'})"
+    elif default not in (None, "", []):
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        text = f"{text} (default: {shown})"
+    if f.metadata.get("cli_only"):
+        text += " [command line only: never read from .env or YAML]"
+    return text.replace("%", "%%")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """Add one flag per field of ``cls`` (kebab-case), help and defaults from the dataclass.
+
+    Flags are flat (``--lora-r``), listed under the title of the option group that declares
+    them (a dataclass's ``GROUP``), so ``--help`` reads as sections.
+    """
+    types_ = config.hints(cls)
+    groups: dict[str | None, Any] = {}
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        tp = types_[f.name]
+        base, _ = config.unwrap_optional(tp)
+        default = config.default_of(f)
+        title = None if meta.get("positional") else group_title(cls, f.name)
+        if title not in groups:
+            groups[title] = parser if title is None else parser.add_argument_group(title)
+        target = groups[title]
+        kwargs: dict[str, Any] = {"help": _help(f, base, default), "default": argparse.SUPPRESS}
+        if get_origin(base) is Literal:
+            kwargs["choices"] = list(get_args(base))
+        if meta.get("positional"):
+            if get_origin(base) is list:
+                nargs = "*" if default is not None else "+"
+            else:
+                nargs = "?" if f.default is not dataclasses.MISSING else None
+            target.add_argument(f.name, nargs=nargs, metavar=f.name.upper(), default=argparse.SUPPRESS,
+                                help=kwargs["help"])
+            continue
+        names = [config.flag(f.name)]
+        if meta.get("short"):
+            names.insert(0, meta["short"])
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(base) is list:
+            kwargs["metavar"] = "A,B,..."
+        elif "choices" not in kwargs:
+            kwargs["metavar"] = f.name.upper()
+        target.add_argument(*names, dest=f.name, **kwargs)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every subcommand shares: the config file, the .env file, --debug."""
+    parser.add_argument("-c", "--config", metavar="FILE.yaml", default=None,
+                        help="YAML file of settings; command-line flags override it")
+    parser.add_argument("--env-file", metavar="PATH", default=None,
+                        help="a .env file (default: ./.env if present; parent directories are never read). "
+                             "LLM_FT_* keys set options; HF_TOKEN and other library keys go to the environment")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+
+def from_args(cls, args: argparse.Namespace):
+    """Resolve ``cls`` from a parsed namespace made with :func:`add_arguments` + :func:`add_config_arguments`."""
+    ns = vars(args)
+    cli = {k: v for k, v in ns.items() if k not in ("config", "env_file", "debug", "command", "func")}
+    return config.resolve(cls, cli, ns.get("config"), ns.get("env_file"))
 
 
 def make_parser(prog: str, description: str, cfg_cls=None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"llm-ft {prog}", description=description)
+    parser = Parser(prog=f"llm-ft {prog}", description=description)
     if cfg_cls is not None:
-        config.add_arguments(parser, cfg_cls)
-    config.add_config_arguments(parser)
+        add_arguments(parser, cfg_cls)
+    add_config_arguments(parser)
     return parser
 
 
@@ -23,7 +171,7 @@ def main_for(build_parser: Callable[[], argparse.ArgumentParser], cfg_cls, run: 
     args = build_parser().parse_args(argv)
 
     def body():
-        cfg = config.from_args(cfg_cls, args)
+        cfg = from_args(cfg_cls, args)
         if extra is not None:
             handled = extra(args, cfg)
             if handled is not None:

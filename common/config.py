@@ -2,17 +2,18 @@
 
 Precedence, lowest first: dataclass defaults < ``.env`` (``LLM_FT_*`` keys) < YAML
 (``-c run.yaml``) < command-line flags. Every subcommand declares one dataclass with
-:func:`opt` fields; :func:`add_arguments` turns it into argparse flags and
+:func:`opt` fields; ``common.command.add_arguments`` turns it into argparse flags and
 :func:`resolve` merges the layers, collecting every problem before raising.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -27,12 +28,79 @@ SECRET_SUFFIXES = ("_TOKEN", "_KEY", "_SECRET", "_PASSWORD")
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices=None, positional: bool = False,
-        factory=None, short: str | None = None, cli: bool = True):
-    """A config field: its default and help text live here and only here."""
-    meta = {"help": help, "choices": choices, "positional": positional, "short": short, "cli": cli}
+        factory=None, short: str | None = None, cli: bool = True, min: float | None = None,
+        max: float | None = None, gt: float | None = None, lt: float | None = None, finite: bool = True,
+        cli_only: bool | Callable[[Any], bool] = False):
+    """A config field: its default, help text and valid range live here and only here.
+
+    ``min``/``max`` are inclusive bounds, ``gt``/``lt`` exclusive ones; a float must also be
+    finite unless ``finite=False``. ``cli_only`` marks a security switch (one that runs code or
+    exposes the machine): a ``.env`` or YAML file may not turn it on, only a flag or the API
+    call. ``True`` refuses any value other than the default; a function refuses the values
+    for which it returns True.
+    """
+    meta = {"help": help, "choices": choices, "positional": positional, "short": short, "cli": cli,
+            "min": min, "max": max, "gt": gt, "lt": lt, "finite": finite, "cli_only": cli_only}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def range_problem(f: dataclasses.Field, value: Any) -> str | None:
+    """Why ``value`` is outside field ``f``'s range (its ``opt`` metadata), or None when it is inside."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    m = f.metadata
+    if isinstance(value, float) and m.get("finite", True) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    lo, lo_open = (m["gt"], True) if m.get("gt") is not None else (m.get("min"), False)
+    hi, hi_open = (m["lt"], True) if m.get("lt") is not None else (m.get("max"), False)
+    bad_lo = lo is not None and (value <= lo if lo_open else value < lo)
+    bad_hi = hi is not None and (value >= hi if hi_open else value > hi)
+    if not (bad_lo or bad_hi):
+        return None
+    if lo is not None and hi is not None:
+        want = f"in {'(' if lo_open else '['}{_fmt(lo)}, {_fmt(hi)}{')' if hi_open else ']'}"
+    elif lo is not None:
+        want = f"{'>' if lo_open else '>='} {_fmt(lo)}"
+    else:
+        want = f"{'<' if hi_open else '<='} {_fmt(hi)}"
+    return f"must be {want}, got {value}"
+
+
+def _opts_in(f: dataclasses.Field, value: Any) -> bool:
+    """True when ``value`` turns on ``f``'s security switch (see ``opt(cli_only=...)``)."""
+    guard = f.metadata.get("cli_only", False)
+    if callable(guard):
+        return bool(guard(value))
+    return bool(guard) and value != default_of(f)
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def check(cfg) -> list[str]:
+    """Every problem of a built config: each field's range, then the class's cross-field ``validate()``.
+
+    :func:`resolve` checks each layer's values as it reads them (naming the file or flag);
+    this is for configs built directly, as the Python API does.
+    """
+    problems = []
+    for f in dataclasses.fields(cfg):
+        why = range_problem(f, getattr(cfg, f.name))
+        if why:
+            problems.append(f"{f.name}: {why}")
+    validate = getattr(cfg, "validate", None)
+    return problems + (list(validate()) if validate is not None else [])
 
 
 def is_secret(key: str) -> bool:
@@ -44,7 +112,7 @@ def is_secret(key: str) -> bool:
 # types
 
 
-def _unwrap_optional(tp):
+def unwrap_optional(tp):
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
@@ -54,7 +122,7 @@ def _unwrap_optional(tp):
 
 
 def _type_name(tp) -> str:
-    base, optional = _unwrap_optional(tp)
+    base, optional = unwrap_optional(tp)
     if get_origin(base) is Literal:
         name = " | ".join(repr(a) for a in get_args(base))
     elif get_origin(base) is list:
@@ -64,7 +132,13 @@ def _type_name(tp) -> str:
     return f"{name} or null" if optional else name
 
 
-def _hints(cls) -> dict[str, Any]:
+def flag(name: str) -> str:
+    """The command-line flag of field ``name`` (``lora_r`` -> ``--lora-r``)."""
+    return f"--{name.replace('_', '-')}"
+
+
+def hints(cls) -> dict[str, Any]:
+    """Field name -> resolved type of a config class."""
     return typing.get_type_hints(cls)
 
 
@@ -74,7 +148,7 @@ def coerce(value: Any, tp, *, from_text: bool) -> Any:
     ``from_text`` is True for .env and CLI strings, where "3" may become 3; YAML values
     keep their own types, except that an int is accepted where a float is expected.
     """
-    base, optional = _unwrap_optional(tp)
+    base, optional = unwrap_optional(tp)
     if value is None or (from_text and optional and isinstance(value, str) and value.lower() in ("", "none", "null")):
         if optional:
             return None
@@ -131,63 +205,6 @@ def coerce(value: Any, tp, *, from_text: bool) -> Any:
             return str(value)
         raise ValueError(f"expected str, got {type(value).__name__} {value!r}")
     return value
-
-
-# ---------------------------------------------------------------------------
-# argparse
-
-
-def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """Add one flag per field of ``cls`` (kebab-case), help and defaults from the dataclass."""
-    hints = _hints(cls)
-    for f in dataclasses.fields(cls):
-        meta = f.metadata
-        if not meta.get("cli", True):
-            continue
-        tp = hints[f.name]
-        base, _ = _unwrap_optional(tp)
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        help_text = meta.get("help", "")
-        if default not in (None, "", []) and base is not bool:
-            shown = ",".join(map(str, default)) if isinstance(default, list) else default
-            help_text = f"{help_text} (default: {shown})"
-        kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
-        if get_origin(base) is Literal:
-            kwargs["choices"] = list(get_args(base))
-        if meta.get("positional"):
-            kwargs.pop("default")
-            if get_origin(base) is list:
-                parser.add_argument(f.name, nargs="*" if default is not None else "+",
-                                    metavar=f.name.upper(), default=argparse.SUPPRESS, help=kwargs["help"])
-            else:
-                nargs = "?" if f.default is not dataclasses.MISSING else None
-                parser.add_argument(f.name, nargs=nargs, metavar=f.name.upper(),
-                                    default=argparse.SUPPRESS, help=kwargs["help"])
-            continue
-        names = [f"--{f.name.replace('_', '-')}"]
-        if meta.get("short"):
-            names.insert(0, meta["short"])
-        if base is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-            kwargs["help"] = f"{help_text} (default: {'on' if default else 'off'})"
-        elif get_origin(base) is list:
-            kwargs["metavar"] = "A,B,..."
-        else:
-            kwargs["metavar"] = f.name.upper() if "choices" not in kwargs else None
-            if kwargs["metavar"] is None:
-                kwargs.pop("metavar")
-        parser.add_argument(*names, dest=f.name, **kwargs)
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags every subcommand shares: the config file, the .env file, --debug."""
-    parser.add_argument("-c", "--config", metavar="FILE.yaml", default=None,
-                        help="YAML file of settings; command-line flags override it")
-    parser.add_argument("--env-file", metavar="PATH", default=None,
-                        help="a .env file (default: ./.env if present; parent directories are never read). "
-                             "LLM_FT_* keys set options; HF_TOKEN and other library keys go to the environment")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
 
 # ---------------------------------------------------------------------------
@@ -269,21 +286,38 @@ def _all_config_names() -> set[str]:
 
 def resolve(cls, cli: dict[str, Any] | None = None, config_file: str | None = None,
             env_file: str | None = None, *, cwd: Path | None = None):
-    """Build ``cls`` from defaults < .env < YAML < CLI, reporting every problem at once."""
-    hints = _hints(cls)
+    """Build ``cls`` from defaults < .env < YAML < CLI, reporting every problem at once.
+
+    Each value is type-checked and range-checked where it is read, so a problem names its
+    source (``FILE: KEY`` or ``--flag``). A file may not turn on a security switch.
+    """
+    types_ = hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     problems: list[str] = []
 
+    def take(name: str, raw: Any, where: str, *, from_text: bool, from_file: Path | None = None) -> None:
+        try:
+            value = coerce(raw, types_[name], from_text=from_text)
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
+            return
+        why = range_problem(fields[name], value)
+        if why:
+            problems.append(f"{where}: {why}")
+        elif from_file is not None and _opts_in(fields[name], value):
+            problems.append(f"{where}: {value!r} is refused from a file: this switch runs code or exposes the machine, "
+                            f"so a cloned folder must not turn it on; pass {flag(name)} on the command line instead")
+        else:
+            values[name] = value
+
+    # Only an explicit path or the current directory's .env: never a parent directory's.
     env_path = Path(env_file) if env_file else (cwd or Path.cwd()) / ".env"
     if env_file and not env_path.exists():
         raise UserError(f"{env_path}: .env file not found")
     if env_path.exists():
         for name, raw in read_env_file(env_path, cls).items():
-            try:
-                values[name] = coerce(raw, hints[name], from_text=True)
-            except ValueError as exc:
-                problems.append(f"{env_path}: {ENV_PREFIX}{name.upper()}: {exc}")
+            take(name, raw, f"{env_path}: {ENV_PREFIX}{name.upper()}", from_text=True, from_file=env_path)
 
     if config_file:
         path = Path(config_file)
@@ -294,39 +328,27 @@ def resolve(cls, cli: dict[str, Any] | None = None, config_file: str | None = No
                     hint = nearest(name, sorted(fields))
                     problems.append(f"{path}: unknown key {name!r}" + (f" (did you mean {hint!r}?)" if hint else ""))
                 continue
-            try:
-                values[name] = coerce(raw, hints[name], from_text=False)
-            except ValueError as exc:
-                problems.append(f"{path}: {name}: {exc}")
+            take(name, raw, f"{path}: {name}", from_text=False, from_file=path)
 
     for name, raw in (cli or {}).items():
         if name not in fields:
             continue
-        try:
-            values[name] = coerce(raw, hints[name], from_text=isinstance(raw, str) or
-                                  (isinstance(raw, list) and all(isinstance(v, str) for v in raw)))
-        except ValueError as exc:
-            problems.append(f"--{name.replace('_', '-')}: {exc}")
+        take(name, raw, flag(name), from_text=isinstance(raw, str) or
+             (isinstance(raw, list) and all(isinstance(v, str) for v in raw)))
 
     for name, f in fields.items():
         if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            problems.append(f"missing required option {name!r}")
+            if not any(p.startswith((flag(name) + ":", f"{name}:")) for p in problems):
+                problems.append(f"missing required option {name!r}")
     if problems:
         raise UserError("invalid configuration", problems)
     cfg = cls(**values)
-    check = getattr(cfg, "validate", None)
-    if check is not None:
-        found = check()
+    cross = getattr(cfg, "validate", None)  # checks between fields; ranges were checked above
+    if cross is not None:
+        found = cross()
         if found:
             raise UserError("invalid configuration", found)
     return cfg
-
-
-def from_args(cls, args: argparse.Namespace):
-    """Resolve ``cls`` from a parsed namespace made with :func:`add_arguments` + :func:`add_config_arguments`."""
-    ns = vars(args)
-    cli = {k: v for k, v in ns.items() if k not in ("config", "env_file", "debug", "command", "func")}
-    return resolve(cls, cli, ns.get("config"), ns.get("env_file"))
 
 
 # ---------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import re
 from collections.abc import Iterator
@@ -383,47 +382,3 @@ def fingerprint(splits: Splits) -> dict[str, Any]:
     out["valid_from_train"] = splits.valid_from_train
     out["files"] = [str(f) for f in splits.files]
     return out
-
-
-def percentile(values: list[int], q: float) -> int:
-    """Nearest-rank percentile (0 for no values)."""
-    if not values:
-        return 0
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
-def encode_split(rows: list[Row], formatter, max_len: int, policy: str, *,
-                 progress: bool = False) -> tuple[list[Example], dict[str, int]]:
-    """Tokenize rows with a ChatFormatter and apply the overlong policy (truncate/drop/error).
-
-    Lengths (p50/p95/max) are measured before the policy; supervised counts after it.
-    Examples left with no supervised token (an answer cut off by truncation) are dropped
-    and counted in ``zero_supervised``: they would teach nothing and divide a loss by zero.
-    """
-    from common.prompts import apply_length_policy
-
-    it = rows
-    if progress and len(rows) > 200:
-        from rich.progress import track
-
-        it = track(rows, description="tokenizing", transient=True)
-    examples = [formatter.encode(r) for r in it]
-    lengths = [len(e) for e in examples]
-    kept, policy_stats = apply_length_policy(examples, max_len, policy)
-    learned = [e for e in kept if e.n_supervised > 0]
-    stats = {
-        "rows": len(rows),
-        "examples": len(learned),
-        "tokens_total": sum(lengths),
-        "tokens_p50": percentile(lengths, 50),
-        "tokens_p95": percentile(lengths, 95),
-        "tokens_max": max(lengths, default=0),
-        "max_seq_length": max_len,
-        "supervised_tokens": sum(e.n_supervised for e in learned),
-        "zero_supervised": len(kept) - len(learned),
-        "overlong": policy_stats["overlong"],
-        "truncated": policy_stats["truncated"],
-        "dropped": policy_stats["dropped"],
-    }
-    return learned, stats

@@ -1,15 +1,19 @@
-"""The option sets shared by subcommands, and the training configuration.
+"""The option groups shared by subcommands, and the training configuration composed of them.
 
-Every default and help text lives here (or in a subcommand's own dataclass); the CLI
-flags, ``--print-config`` and ``configs/*.yaml`` are generated from these classes.
+Every default, help text and valid range lives here (or in a subcommand's own dataclass);
+the CLI flags, ``--print-config`` and ``configs/*.yaml`` are generated from these classes.
+Each group is a typed dataclass with a ``GROUP`` title (its section in ``--help``);
+:class:`TrainConfig` inherits them all, so its fields and flags stay flat (``cfg.lora_r``,
+``--lora-r``), and :func:`part` hands a backend one group as its own typed object.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, fields
+from typing import Literal, TypeVar
 
 from common.config import opt, register
+from common.prompts import TEMPLATE_NAMES
 
 SMALL_MODEL_PARAMS = 1_000_000_000  # below this, the default learning rate is SMALL_MODEL_LR
 SMALL_MODEL_LR = 5e-4
@@ -19,62 +23,99 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 @dataclass
 class ModelOptions:
+    GROUP = "model"
     model: str = opt("default", "base model: a Hugging Face Hub id, a local HF directory, a .gguf file, "
                      "or 'default' (the embedded SmolLM2-135M-Instruct)")
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of --model")
-    trust_remote_code: bool = opt(False, "allow models that need their own Python code (runs code from the model repo)")
+    trust_remote_code: bool = opt(False, "allow models that need their own Python code (runs code from the model repo)",
+                                  cli_only=True)
 
 
 @dataclass
 class DataOptions:
+    GROUP = "data"
     data: list[str] = opt(factory=lambda: ["data"], help="data directory (train/valid/test.jsonl) or files; "
                           "several sources may be mixed, each as PATH or PATH:N (N rows sampled)")
     system_prompt_file: str | None = opt("system_prompt.txt", "system prompt inserted into rows that have none "
                                             "(and written to the Modelfile's SYSTEM); empty to use none")
     chat_template: str | None = opt(None, "override the tokenizer's chat template: a named template "
-                                       "(chatml, llama3, alpaca) or a .jinja file")
-    max_seq_length: int = opt(1024, "maximum tokens per example")
+                                       f"({TEMPLATE_NAMES}) or a .jinja file")
+    max_seq_length: int = opt(1024, "maximum tokens per example", min=1)
     overlong: Literal["truncate", "drop", "error"] = opt("truncate", "what to do with rows longer than --max-seq-length "
                                                          "(always counted and reported)")
-    valid_fraction: float = opt(0.1, "fraction of train held out for validation when there is no valid file")
+    valid_fraction: float = opt(0.1, "fraction of train held out for validation when there is no valid file",
+                                min=0, lt=1)
     json_schema: str | None = opt(None, "JSON schema every assistant answer must satisfy "
                                      "(default: schema.json beside the data, if present)")
     train_on_prompt: bool = opt(False, "also compute the loss on system/user tokens")
-    seed: int = opt(3407, "random seed (data order, splits, adapter initialisation)")
+    seed: int = opt(3407, "random seed (data order, splits, adapter initialisation)", min=0)
 
 
-@register
 @dataclass
-class TrainConfig(DataOptions, ModelOptions):  # fields: model options first, then data
-    out: str | None = opt(None, "run directory (default: runs/<model>-<timestamp>)")
+class LoRAOptions:
+    GROUP = "LoRA"
+    lora_r: int = opt(16, "LoRA rank", min=1)
+    lora_alpha: float = opt(32.0, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with --use-rslora)",
+                            gt=0)
+    lora_dropout: float = opt(0.0, "dropout on the LoRA input", min=0, lt=1)
+    targets: list[str] = opt(factory=lambda: list(DEFAULT_TARGETS), help="module names to adapt "
+                             "(those the architecture lacks are skipped; 'all-linear' adapts every linear layer)")
+    num_layers: int | None = opt(None, "adapt only the last N transformer layers (default: all)", min=1)
+    use_dora: bool = opt(False, "weight-decomposed LoRA (DoRA)")
+    use_rslora: bool = opt(False, "rank-stabilised LoRA scaling alpha/sqrt(r)")
+
+
+@dataclass
+class OptimizerOptions:
+    GROUP = "optimiser"
+    lr: float | None = opt(None, "peak learning rate (default: 2e-4; 5e-4 for models under 1B "
+                              "parameters, which need larger steps to learn a task in a few epochs)", gt=0)
+    optim: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = opt("adamw", "optimizer (8-bit ones need bitsandbytes)")
+    weight_decay: float = opt(0.0, "AdamW weight decay", min=0)
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)", min=0)
+    warmup_steps: int = opt(10, "linear warmup steps", min=0)
+    schedule: Literal["linear", "cosine", "constant"] = opt("linear", "learning-rate decay after warmup")
+
+
+@dataclass
+class LoopOptions:
+    GROUP = "training loop"
+    epochs: float = opt(2.0, "passes over the training data (ignored when --max-steps is set)", gt=0)
+    max_steps: int | None = opt(None, "optimizer steps to run (overrides --epochs)", min=1)
+    batch_size: int = opt(4, "examples per micro-batch", min=1)
+    grad_accum: int = opt(1, "micro-batches per optimizer step", min=1)
+    eval_every: int = opt(50, "evaluate on the validation split every N optimizer steps (0: only at the end)", min=0)
+    eval_batches: int | None = opt(None, "limit each evaluation to N batches (default: the whole split)", min=1)
+    sample_prompts: int = opt(2, "validation prompts to generate an answer for at each evaluation", min=0)
+    early_stop_patience: int | None = opt(None, "stop after N evaluations without improvement", min=1)
+    nonfinite: Literal["skip", "abort"] = opt("skip", "on a NaN/inf loss or gradient: skip the step or stop the run")
+    resume: bool = opt(False, "continue from the newest verified checkpoint in --out")
+    allow_partial_resume: bool = opt(False, "resume even if the optimizer state is missing")
+
+
+@dataclass
+class MemoryOptions:
+    GROUP = "memory and speed"
+    load_in_4bit: bool = opt(False, "QLoRA: 4-bit base (bitsandbytes nf4 on CUDA; MLX's 4-bit on a Mac)")
+    load_in_8bit: bool = opt(False, "8-bit base (MLX's 8-bit on a Mac; bitsandbytes int8 on CUDA)")
+    grad_checkpoint: bool = opt(False, "gradient checkpointing: less memory, ~30% slower")
+    packing: bool = opt(False, "pack several examples per row, padding-free, no attention across examples")
+    group_by_length: bool = opt(True, "batch rows of similar length together (less padding)")
+
+
+@dataclass
+class DeviceOptions:
+    GROUP = "backend and device"
     backend: Literal["auto", "torch", "mlx"] = opt("auto", "training backend; auto = MLX on Apple Silicon when "
                                                   "installed, else PyTorch")
     device: str | None = opt(None, "torch device (cuda, cuda:1, mps, cpu); default: the best available")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "compute dtype; auto = bf16 on GPUs that "
                                                                    "support it, fp16 on older GPUs, fp32 on CPU")
-    epochs: float = opt(2.0, "passes over the training data (ignored when --max-steps is set)")
-    max_steps: int | None = opt(None, "optimizer steps to run (overrides --epochs)")
-    batch_size: int = opt(4, "examples per micro-batch")
-    grad_accum: int = opt(1, "micro-batches per optimizer step")
-    lr: float | None = opt(None, "peak learning rate (default: 2e-4; 5e-4 for models under 1B "
-                              "parameters, which need larger steps to learn a task in a few epochs)")
-    warmup_steps: int = opt(10, "linear warmup steps")
-    schedule: Literal["linear", "cosine", "constant"] = opt("linear", "learning-rate decay after warmup")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    optim: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = opt("adamw", "optimizer (8-bit ones need bitsandbytes)")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
-    lora_r: int = opt(16, "LoRA rank")
-    lora_alpha: float = opt(32.0, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with --use-rslora)")
-    lora_dropout: float = opt(0.0, "dropout on the LoRA input")
-    targets: list[str] = opt(factory=lambda: list(DEFAULT_TARGETS), help="module names to adapt "
-                             "(those the architecture lacks are skipped; 'all-linear' adapts every linear layer)")
-    num_layers: int | None = opt(None, "adapt only the last N transformer layers (default: all)")
-    use_dora: bool = opt(False, "weight-decomposed LoRA (DoRA)")
-    use_rslora: bool = opt(False, "rank-stabilised LoRA scaling alpha/sqrt(r)")
-    load_in_4bit: bool = opt(False, "QLoRA: 4-bit base (bitsandbytes nf4 on CUDA; MLX's 4-bit on a Mac)")
-    load_in_8bit: bool = opt(False, "8-bit base (MLX's 8-bit on a Mac; bitsandbytes int8 on CUDA)")
-    grad_checkpoint: bool = opt(False, "gradient checkpointing: less memory, ~30% slower")
-    packing: bool = opt(False, "pack several examples per row, padding-free, no attention across examples")
+
+
+@dataclass
+class TorchOptions:
+    GROUP = "torch backend"
     attention: Literal["auto", "varlen", "sdpa", "eager"] = opt(
         "auto", "attention kernel of the torch backend: auto = variable-length Flash-Attention on NVIDIA GPUs "
         "in bf16/fp16 (each example attends only to itself, no padding work), SDPA elsewhere")
@@ -85,18 +126,25 @@ class TrainConfig(DataOptions, ModelOptions):  # fields: model options first, th
     compile: Literal["auto", "on", "off"] = opt(
         "off", "torch.compile each transformer layer of the torch backend on an NVIDIA GPU (auto: where there "
         "is one): fused kernels, less memory; the first step pays ~1-2 min of compilation")
-    group_by_length: bool = opt(True, "batch rows of similar length together (less padding)")
-    eval_every: int = opt(50, "evaluate on the validation split every N optimizer steps (0: only at the end)")
-    eval_batches: int | None = opt(None, "limit each evaluation to N batches (default: the whole split)")
-    sample_prompts: int = opt(2, "validation prompts to generate an answer for at each evaluation")
-    save_every: int = opt(100, "write a checkpoint every N optimizer steps (0: only at the end)")
-    keep: int = opt(3, "checkpoints to keep (the newest; the last verified one is never deleted)")
-    early_stop_patience: int | None = opt(None, "stop after N evaluations without improvement")
-    resume: bool = opt(False, "continue from the newest verified checkpoint in --out")
-    allow_partial_resume: bool = opt(False, "resume even if the optimizer state is missing")
-    nonfinite: Literal["skip", "abort"] = opt("skip", "on a NaN/inf loss or gradient: skip the step or stop the run")
-    report_to: list[str] = opt(factory=list, help="extra loggers: wandb, tensorboard")
-    log_every: int = opt(1, "log the training loss every N optimizer steps")
+
+
+@dataclass
+class OutputOptions:
+    GROUP = "output"
+    out: str | None = opt(None, "run directory (default: runs/<model>-<timestamp>)")
+    save_every: int = opt(100, "write a checkpoint every N optimizer steps (0: only at the end)", min=0)
+    keep: int = opt(3, "checkpoints to keep (the newest; the last verified one is never deleted)", min=1)
+    log_every: int = opt(1, "log the training loss every N optimizer steps", min=1)
+    report_to: list[Literal["wandb", "tensorboard"]] = opt(factory=list, help="extra loggers: wandb, tensorboard")
+
+
+# Base classes list in reverse: a dataclass orders inherited fields from the last base to the
+# first, so fields (and --help sections) read model, data, LoRA, optimiser, loop, memory, ...
+@register
+@dataclass
+class TrainConfig(OutputOptions, TorchOptions, DeviceOptions, MemoryOptions, LoopOptions, OptimizerOptions,
+                  LoRAOptions, DataOptions, ModelOptions):
+    """Everything ``llm-ft train`` takes: the option groups above, flat."""
 
     @property
     def peak_lr(self) -> float:
@@ -104,37 +152,20 @@ class TrainConfig(DataOptions, ModelOptions):  # fields: model options first, th
         return self.lr if self.lr is not None else DEFAULT_LR
 
     def validate(self) -> list[str]:
+        """Checks between fields (each field's own range comes from its ``opt`` metadata)."""
         problems = []
-        positive = ("batch_size", "grad_accum", "lora_r", "max_seq_length")
-        for name in positive:
-            if getattr(self, name) < 1:
-                problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            problems.append(f"max_steps: must be >= 1, got {self.max_steps}")
-        if self.max_steps is None and self.epochs <= 0:
-            problems.append(f"epochs: must be > 0, got {self.epochs}")
-        if self.lr is not None and self.lr <= 0:
-            problems.append(f"lr: must be > 0, got {self.lr}")
-        if not 0 <= self.lora_dropout < 1:
-            problems.append(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
-        if not 0 < self.valid_fraction < 1:
-            problems.append(f"valid_fraction: must be in (0, 1), got {self.valid_fraction}")
+        if self.valid_fraction == 0:  # check-data accepts 0 (no hold-out); a training run needs a validation split
+            problems.append("valid_fraction: must be in (0, 1) for training, got 0")
         if self.load_in_4bit and self.load_in_8bit:
             problems.append("load_in_4bit and load_in_8bit: choose one")
-        for r in self.report_to:
-            if r not in ("wandb", "tensorboard"):
-                problems.append(f"report_to: unknown logger {r!r} (choose wandb or tensorboard)")
-        if self.keep < 1:
-            problems.append(f"keep: must be >= 1, got {self.keep}")
-        for name in ("warmup_steps", "eval_every", "save_every", "sample_prompts", "max_grad_norm", "weight_decay"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name}: must be >= 0, got {getattr(self, name)}")
-        for name in ("log_every",):
-            if getattr(self, name) < 1:
-                problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("early_stop_patience", "eval_batches", "num_layers"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                problems.append(f"{name}: must be >= 1 (or unset), got {getattr(self, name)}")
         if self.early_stop_patience is not None and self.eval_every == 0:
             problems.append("early_stop_patience: needs periodic evaluation (set --eval-every N > 0)")
         return problems
+
+
+G = TypeVar("G")
+
+
+def part(cfg, group: type[G]) -> G:
+    """One option group of ``cfg`` as its own typed object, e.g. ``part(cfg, TorchOptions).kernels``."""
+    return group(**{f.name: getattr(cfg, f.name) for f in fields(group)})

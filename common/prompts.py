@@ -9,6 +9,7 @@ marker strings are searched for, so any template that renders prefixes stably wo
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from datetime import datetime
 from functools import lru_cache
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
-from common.rows import Conversation, Example, Text
+from common.rows import Conversation, Example, Row, Text
 
 # Templates for models without one, or to override one (--chat-template NAME).
 NAMED_TEMPLATES: dict[str, str] = {
@@ -42,6 +43,8 @@ NAMED_TEMPLATES: dict[str, str] = {
         "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
     ),
 }
+
+TEMPLATE_NAMES = ", ".join(NAMED_TEMPLATES)  # for help and error texts: "chatml, llama3, alpaca"
 
 # Tokens that end a turn in the families we know; only those in the vocabulary count.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>",
@@ -293,6 +296,48 @@ def apply_length_policy(examples: Iterable[Example], max_len: int, policy: str) 
         raise UserError(f"{len(problems)} rows are longer than max_seq_length={max_len} "
                         "(use --overlong truncate|drop or raise --max-seq-length)", problems)
     return kept, stats
+
+
+def percentile(values: list[int], q: float) -> int:
+    """Nearest-rank percentile (0 for no values)."""
+    if not values:
+        return 0
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def encode_split(rows: list[Row], formatter, max_len: int, policy: str, *,
+                 progress: bool = False) -> tuple[list[Example], dict[str, int]]:
+    """Tokenize rows with a ChatFormatter and apply the overlong policy (truncate/drop/error).
+
+    Lengths (p50/p95/max) are measured before the policy; supervised counts after it.
+    Examples left with no supervised token (an answer cut off by truncation) are dropped
+    and counted in ``zero_supervised``: they would teach nothing and divide a loss by zero.
+    """
+    it = rows
+    if progress and len(rows) > 200:
+        from rich.progress import track
+
+        it = track(rows, description="tokenizing", transient=True)
+    examples = [formatter.encode(r) for r in it]
+    lengths = [len(e) for e in examples]
+    kept, policy_stats = apply_length_policy(examples, max_len, policy)
+    learned = [e for e in kept if e.n_supervised > 0]
+    stats = {
+        "rows": len(rows),
+        "examples": len(learned),
+        "tokens_total": sum(lengths),
+        "tokens_p50": percentile(lengths, 50),
+        "tokens_p95": percentile(lengths, 95),
+        "tokens_max": max(lengths, default=0),
+        "max_seq_length": max_len,
+        "supervised_tokens": sum(e.n_supervised for e in learned),
+        "zero_supervised": len(kept) - len(learned),
+        "overlong": policy_stats["overlong"],
+        "truncated": policy_stats["truncated"],
+        "dropped": policy_stats["dropped"],
+    }
+    return learned, stats
 
 
 def generation_prompt_messages(row: Conversation) -> tuple[list[dict], str | None]:

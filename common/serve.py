@@ -37,10 +37,11 @@ HARD_CAP = 8192  # new tokens per answer the page ever allows, whatever the mode
 class ServeConfig:
     target: str = opt(help="what to serve: a run directory, a model (Hub id, local HF directory or 'default') "
                       "or a .gguf file", positional=True)
-    host: str = opt("127.0.0.1", "address to listen on; a non-loopback address needs --share-on-network")
-    port: int = opt(7860, "TCP port to listen on")
+    host: str = opt("127.0.0.1", "address to listen on; a non-loopback address needs --share-on-network",
+                     cli_only=lambda host: not is_loopback(host))
+    port: int = opt(7860, "TCP port to listen on", min=1, max=65535)
     share_on_network: bool = opt(False, "allow a non-loopback --host: anyone who can reach the address can use the "
-                                 "model (there is no login)")
+                                 "model (there is no login)", cli_only=True)
     backend: Literal["auto", "torch", "mlx", "llama"] = opt("auto", "engine; auto = llama.cpp for a .gguf, else the "
                                                            "run's backend if installed, else MLX on Apple Silicon, "
                                                            "else torch")
@@ -48,24 +49,11 @@ class ServeConfig:
                                             "(default: the run's; none for a model)")
     json_schema: str | None = opt(None, "JSON schema answers are checked against (default: the run's "
                                      "json_schema, or schema.json beside its data)")
-    max_new_tokens: int = opt(256, "the page's initial answer length, in tokens")
-    temperature: float = opt(0.0, "the page's initial temperature (0 = greedy, as eval measures)")
-    top_p: float = opt(1.0, "the page's initial top-p (nucleus sampling; used when temperature > 0)")
-    n_ctx: int = opt(4096, "context length for a .gguf target (llama.cpp), in tokens")
-
-    def validate(self) -> list[str]:
-        problems = []
-        if not 0 < self.port < 65536:
-            problems.append(f"port: must be in 1..65535, got {self.port}")
-        if not 1 <= self.max_new_tokens <= HARD_CAP:
-            problems.append(f"max_new_tokens: must be in 1..{HARD_CAP}, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            problems.append(f"temperature: must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p: must be in (0, 1], got {self.top_p}")
-        if self.n_ctx < 16:
-            problems.append(f"n_ctx: must be >= 16, got {self.n_ctx}")
-        return problems
+    max_new_tokens: int = opt(256, "the page's initial answer length, in tokens", min=1, max=HARD_CAP)
+    temperature: float = opt(0.0, "the page's initial temperature (0 = greedy, as eval measures)", min=0)
+    top_p: float = opt(1.0, "the page's initial top-p (nucleus sampling; used when temperature > 0)", gt=0,
+                       max=1)
+    n_ctx: int = opt(4096, "context length for a .gguf target (llama.cpp), in tokens", min=16)
 
 
 # ---------------------------------------------------------------------------

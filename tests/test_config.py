@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from common.command import make_parser
-from common.config import from_args, opt, resolve, to_dict, to_yaml
+from common.command import from_args, make_parser
+from common.config import opt, resolve, to_dict, to_yaml
 from common.errors import UserError
 from common.options import TrainConfig
 
@@ -117,8 +117,8 @@ def test_wrong_types_name_key_and_expected_type(here):
 def test_validation_problems_collected(here):
     with pytest.raises(UserError) as exc:
         resolve(TrainConfig, {"batch_size": 0, "lr": -1.0, "valid_fraction": 1.5}, cwd=here)
-    assert exc.value.problems == ["batch_size: must be >= 1, got 0", "lr: must be > 0, got -1.0",
-                                  "valid_fraction: must be in (0, 1), got 1.5"]
+    assert exc.value.problems == ["--batch-size: must be >= 1, got 0", "--lr: must be > 0, got -1.0",
+                                  "--valid-fraction: must be in [0, 1), got 1.5"]
 
 
 def test_secrets_reach_the_environment_but_never_the_config(here):

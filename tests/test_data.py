@@ -6,16 +6,15 @@ from pathlib import Path
 import pytest
 
 from common.data import (
-    encode_split,
     find_schema,
     fingerprint,
     hold_out,
     load_file,
     load_splits,
     parse_source,
-    percentile,
 )
 from common.errors import UserError
+from common.prompts import encode_split, percentile
 from common.rows import Conversation, Source, Text
 
 CHAT = {"messages": [{"role": "user", "content": "set a timer"}, {"role": "assistant", "content": "ok"}]}

@@ -23,6 +23,7 @@ from common.config import opt, register
 from common.errors import UserError
 from common.evaluate import metrics as M
 from common.evaluate import report
+from common.prompts import TEMPLATE_NAMES
 from common.rows import Row, Text
 
 DEFAULT_TEST = "data/test.jsonl"
@@ -36,46 +37,31 @@ class EvalConfig:
     data: str | None = opt(None, f"test file (JSONL) (default: the run's test split, else {DEFAULT_TEST})")
     compare: list[str] = opt(factory=list, help="other runs, models or .gguf files to evaluate on the same data "
                              "and show side by side (also written to eval/compare.md)")
-    limit: int | None = opt(None, "evaluate only the first N rows")
-    batch_size: int = opt(8, "prompts generated together (torch batches them with left padding)")
+    limit: int | None = opt(None, "evaluate only the first N rows", min=1)
+    batch_size: int = opt(8, "prompts generated together (torch batches them with left padding)", min=1)
     max_new_tokens: int | None = opt(None, "longest answer generated, in tokens (default: twice the longest "
                                         "expected answer + 16, so a rambling model cannot stall the eval; 256 "
-                                        "when the data has no answers)")
-    temperature: float = opt(0.0, "sampling temperature; 0 is greedy (reproducible)")
-    top_p: float = opt(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
-    seed: int = opt(0, "random seed for sampling (temperature > 0)")
+                                        "when the data has no answers)", min=1)
+    temperature: float = opt(0.0, "sampling temperature; 0 is greedy (reproducible)", min=0)
+    top_p: float = opt(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability", gt=0, max=1)
+    seed: int = opt(0, "random seed for sampling (temperature > 0)", min=0)
     task: Literal["auto", "json", "text"] = opt("auto", "how to score answers; auto = json when --json-schema is "
                                                 "given or every expected answer parses as JSON, else text")
     json_schema: str | None = opt(None, "JSON schema answers must satisfy (default: schema.json beside the data)")
     system_prompt_file: str | None = opt(None, "system prompt for targets without their own (runs use theirs); "
                                             "default: the evaluated run's, else ./system_prompt.txt if present; "
                                             "'' for none")
-    chat_template: str | None = opt(None, "override the chat template: chatml, llama3, alpaca or a .jinja file")
+    chat_template: str | None = opt(None, f"override the chat template: {TEMPLATE_NAMES} or a .jinja file")
     backend: Literal["auto", "torch", "mlx"] = opt("auto", "engine for runs and models (GGUF files always use "
                                                   "llama.cpp); auto = the run's backend, else MLX on Apple "
                                                   "Silicon, else torch")
     tokenizer: str | None = opt(None, "Hugging Face tokenizer directory whose chat template renders prompts for "
                                    "a GGUF (default: the run's base model for RUN/export/*.gguf, else the GGUF's own)")
-    n_ctx: int = opt(4096, "llama.cpp context length in tokens")
+    n_ctx: int = opt(4096, "llama.cpp context length in tokens", min=1)
     loss: bool = opt(True, "also compute the eval loss and perplexity (teacher-forced, on the answers)")
-    samples: int = opt(5, "sample outputs to show and keep in metrics.json")
+    samples: int = opt(5, "sample outputs to show and keep in metrics.json", min=0)
     out: str | None = opt(None, "output directory (default: RUN/eval for a run, RUN/export/eval-<stem> for its GGUFs, "
                              "else runs/eval-<name>)")
-
-    def validate(self) -> list[str]:
-        problems = []
-        for name in ("batch_size", "max_new_tokens", "n_ctx"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.limit is not None and self.limit < 1:
-            problems.append(f"limit: must be >= 1, got {self.limit}")
-        if self.temperature < 0:
-            problems.append(f"temperature: must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p: must be in (0, 1], got {self.top_p}")
-        if self.samples < 0:
-            problems.append(f"samples: must be >= 0, got {self.samples}")
-        return problems
 
 
 # ---------------------------------------------------------------------------

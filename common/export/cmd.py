@@ -18,10 +18,10 @@ from typing import Any, Literal
 
 from common.config import opt, register
 from common.errors import UserError
+from common.export.gguf_file import QUANTS
 from common.io import write_json, write_text
 
-Quant = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_m", "q4_k_s",
-                "q4_k_m", "q5_k_s", "q5_k_m", "q6_k"]
+Quant = Literal[QUANTS]  # every type the writer or llama.cpp's quantizer makes, from the writer's own table
 
 
 @register
@@ -41,16 +41,8 @@ class ExportConfig:
     name: str | None = opt(None, "model name in the GGUF metadata (default: the run or model directory name)")
     pre: str | None = opt(None, "expert: llama.cpp pre-tokenizer name (e.g. gpt-2) for a byte-level BPE tokenizer "
                                    "whose fingerprint llama.cpp does not know; verification then checks the token ids")
-    verify_prompts: int = opt(8, "held-out prompts for the greedy-answer check")
-    max_new_tokens: int = opt(64, "token limit for each greedy answer in verification")
-
-    def validate(self) -> list[str]:
-        problems = []
-        if self.verify_prompts < 1:
-            problems.append(f"verify_prompts: must be >= 1, got {self.verify_prompts}")
-        if self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
-        return problems
+    verify_prompts: int = opt(8, "held-out prompts for the greedy-answer check", min=1)
+    max_new_tokens: int = opt(64, "token limit for each greedy answer in verification", min=1)
 
 
 @dataclass

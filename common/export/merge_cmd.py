@@ -34,10 +34,7 @@ class MergeConfig:
     out: str | None = opt(None, "output directory (default: RUN/merged)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "dtype of the merged weights; auto keeps each base tensor's dtype")
-    shard_size_gb: float = opt(2.0, "largest safetensors shard, in GB")
-
-    def validate(self) -> list[str]:
-        return [] if self.shard_size_gb > 0 else [f"shard_size_gb: must be > 0, got {self.shard_size_gb}"]
+    shard_size_gb: float = opt(2.0, "largest safetensors shard, in GB", gt=0)
 
 
 def _storage_dtype(base_dtype: str, wanted: str) -> str:

@@ -15,10 +15,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from common import config
+from common.command import Parser, add_arguments, add_config_arguments, from_args
 from common.adapters import IMPORT_ADAPTER_HELP, ModelsImportAdapterConfig, run_import_adapter
 from common.config import opt, register
 from common.options import DEFAULT_TARGETS
+from common.prompts import TEMPLATE_NAMES
 
 
 @register
@@ -40,15 +41,15 @@ class ModelsInfoConfig:
     model: str = opt("default", "a Hugging Face Hub id, a local HF directory, a .gguf file, or 'default'",
                      positional=True)
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of MODEL")
-    trust_remote_code: bool = opt(False, "allow models that need their own Python code")
+    trust_remote_code: bool = opt(False, "allow models that need their own Python code", cli_only=True)
     backend: Literal["auto", "torch", "mlx"] = opt("auto", "backend to estimate memory for")
     device: str | None = opt(None, "torch device for the estimate (cuda, cuda:1, mps, cpu); default: the best available")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "compute dtype for the estimate")
-    batch_size: int = opt(4, "examples per micro-batch", short="--batch")
-    max_seq_length: int = opt(1024, "tokens per example", short="--seq")
-    lora_r: int = opt(16, "LoRA rank")
+    batch_size: int = opt(4, "examples per micro-batch", short="--batch", min=1)
+    max_seq_length: int = opt(1024, "tokens per example", short="--seq", min=1)
+    lora_r: int = opt(16, "LoRA rank", min=1)
     targets: list[str] = opt(factory=lambda: list(DEFAULT_TARGETS), help="module names to adapt")
-    num_layers: int | None = opt(None, "adapt only the last N layers (default: all)")
+    num_layers: int | None = opt(None, "adapt only the last N layers (default: all)", min=1)
     load_in_4bit: bool = opt(False, "estimate with a 4-bit base")
     grad_checkpoint: bool = opt(False, "estimate with gradient checkpointing")
 
@@ -148,7 +149,7 @@ def run_info(cfg: ModelsInfoConfig) -> int:
         ("parameters", f"{info['parameters'] / 1e6:.1f} M, {info['layers']} layers, hidden {info['hidden_size']}"),
         ("dtype", f"{info['dtype']} (weights: {', '.join(info['weight_dtypes'])})"),
         ("vocabulary", f"{info['vocab_size']} (tokenizer: {tok['type']}, {tok['size']} tokens)"),
-        ("chat template", "yes" if tok["chat_template"] else "no (pass --chat-template chatml|llama3|alpaca)"),
+        ("chat template", "yes" if tok["chat_template"] else f"no (pass --chat-template {TEMPLATE_NAMES})"),
         ("special tokens", ", ".join(f"{k}={v}" for k, v in tok["special"].items()) +
          f"; add_bos_token={tok['add_bos_token']}; end of turn: {', '.join(tok['end_of_turn']) or 'none'}"),
         ("GGUF export", info["export"]),
@@ -183,12 +184,12 @@ def run(cfg) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llm-ft models", description="List, import and inspect base models.")
+    parser = Parser(prog="llm-ft models", description="List, import and inspect base models.")
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
     for name, (cls, _, summary) in ACTIONS.items():
         sp = sub.add_parser(name, help=summary, description=summary)
-        config.add_arguments(sp, cls)
-        config.add_config_arguments(sp)
+        add_arguments(sp, cls)
+        add_config_arguments(sp)
     return parser
 
 
@@ -201,4 +202,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     cls = ACTIONS[args.action][0]
-    return run_command(lambda: run(config.from_args(cls, args)), getattr(args, "debug", False))
+    return run_command(lambda: run(from_args(cls, args)), getattr(args, "debug", False))

@@ -75,9 +75,9 @@ def _samples(rows, formatter, tokenizer, n: int):
 
 def prepare(cfg: TrainConfig, console) -> Prepared:
     """Resolve the run directory, the model and tokenizer, and load + tokenize the data."""
-    from common.data import encode_split, fingerprint, load_splits
+    from common.data import fingerprint, load_splits
     from common.models import load_tokenizer, resolve_model
-    from common.prompts import ChatFormatter, load_system_prompt
+    from common.prompts import ChatFormatter, encode_split, load_system_prompt
     from common.train.loop import TrainData
 
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.model)
