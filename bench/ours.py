@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Side
+from common.config import check
 from common.options import TrainConfig
 
 # Benchmark defaults on top of TrainConfig's: no evaluation, checkpoints or samples inside
@@ -27,7 +28,7 @@ BENCH_OVERRIDES = dict(lr=2e-4, warmup_steps=0, schedule="constant", eval_every=
 def train_config(**overrides: Any) -> TrainConfig:
     """A TrainConfig with the benchmark defaults and ``overrides`` applied (validated)."""
     cfg = replace(TrainConfig(), **{**BENCH_OVERRIDES, **overrides})
-    problems = cfg.validate()
+    problems = check(cfg)  # each field's range from its metadata, then the cross-field rules
     if problems:
         raise ValueError("; ".join(problems))
     return cfg

@@ -77,14 +77,6 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def group_title(cls, name: str) -> str | None:
-    """The ``GROUP`` title of the option class that declares field ``name`` (None: the class has none)."""
-    for klass in reversed(cls.__mro__):
-        if name in klass.__dict__.get("__annotations__", {}):
-            return klass.__dict__.get("GROUP")
-    return None
-
-
 def _help(f: dataclasses.Field, base, default) -> str:
     """A field's help with its default shown, escaped for argparse (which %-formats help strings)."""
     text = f.metadata.get("help", "")
@@ -93,6 +85,8 @@ def _help(f: dataclasses.Field, base, default) -> str:
     elif default not in (None, "", []):
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         text = f"{text} (default: {shown})"
+    elif "default" not in text:  # the help does not already say what an unset value means
+        text = f"{text} (default: none)"
     if f.metadata.get("cli_only"):
         text += " [command line only: never read from .env or YAML]"
     return text.replace("%", "%%")
@@ -113,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         tp = types_[f.name]
         base, _ = config.unwrap_optional(tp)
         default = config.default_of(f)
-        title = None if meta.get("positional") else group_title(cls, f.name)
+        title = None if meta.get("positional") else config.group_title(cls, f.name)
         if title not in groups:
             groups[title] = parser if title is None else parser.add_argument_group(title)
         target = groups[title]
@@ -142,12 +136,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags every subcommand shares: the config file, the .env file, --debug."""
-    parser.add_argument("-c", "--config", metavar="FILE.yaml", default=None,
-                        help="YAML file of settings; command-line flags override it")
-    parser.add_argument("--env-file", metavar="PATH", default=None,
-                        help="a .env file (default: ./.env if present; parent directories are never read). "
-                             "LLM_FT_* keys set options; HF_TOKEN and other library keys go to the environment")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    group = parser.add_argument_group("configuration files")
+    group.add_argument("-c", "--config", metavar="FILE.yaml", default=None,
+                       help="YAML file of settings; command-line flags override it (default: none)")
+    group.add_argument("--env-file", metavar="PATH", default=None,
+                       help="a .env file (default: ./.env if present; parent directories are never read). "
+                            "LLM_FT_* keys set options; HF_TOKEN and other library keys go to the environment")
+    group.add_argument("--debug", action="store_true", help="show tracebacks for errors (default: off)")
 
 
 def from_args(cls, args: argparse.Namespace):

@@ -142,6 +142,14 @@ def hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def group_title(cls, name: str) -> str | None:
+    """The ``GROUP`` title of the option class that declares field ``name`` (None: the class has none)."""
+    for klass in reversed(cls.__mro__):
+        if name in klass.__dict__.get("__annotations__", {}):
+            return klass.__dict__.get("GROUP")
+    return None
+
+
 def coerce(value: Any, tp, *, from_text: bool) -> Any:
     """Convert ``value`` to ``tp``; raise ValueError with the expected type's name.
 
@@ -372,9 +380,14 @@ def example_yaml(cls, overrides: dict[str, Any] | None = None, title: str = "") 
 
     overrides = overrides or {}
     lines = [f"# {title}"] if title else []
+    section = None
     for f in dataclasses.fields(cls):
         if f.metadata.get("positional"):
             continue
+        group = group_title(cls, f.name)
+        if group != section and group:
+            lines.append(f"\n# --- {group}")
+        section = group
         if f.name in overrides:
             value = overrides[f.name]
         elif f.default is not dataclasses.MISSING:

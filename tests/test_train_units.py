@@ -183,7 +183,7 @@ def test_print_config_and_validation(capsys, tmp_path, monkeypatch):
     assert printed["max_steps"] == 7 and printed["targets"] == ["q_proj", "v_proj"]
     assert main(["--batch-size", "0", "--eval-every", "-1", "--print-config"]) == 2
     err = capsys.readouterr().err
-    assert "batch_size: must be >= 1" in err and "eval_every: must be >= 0" in err
+    assert "--batch-size: must be >= 1" in err and "--eval-every: must be >= 0" in err
 
 
 def test_train_help_is_complete(capsys):
