@@ -30,7 +30,7 @@ from common.data_formats import (  # noqa: F401
     unknown_format,
 )
 from common.errors import UserError
-from common.rows import Conversation, Example, Row, Source, Text
+from common.rows import Conversation, Row, Source, Text
 
 JSON_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt", ".md")

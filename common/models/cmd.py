@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from common.command import Parser, add_arguments, add_config_arguments, from_args
 from common.adapters import IMPORT_ADAPTER_HELP, ModelsImportAdapterConfig, run_import_adapter
+from common.command import Parser, add_arguments, add_config_arguments, from_args
 from common.config import opt, register
 from common.options import DEFAULT_TARGETS
 from common.prompts import TEMPLATE_NAMES
