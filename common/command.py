@@ -50,11 +50,20 @@ def flag_hint(flag: str, known: Sequence[str]) -> str | None:
     for prefix in ("no_", "use_"):  # --no_packing, --use_dora spelt with underscores
         if key.startswith(prefix) and config.flag(key) in known:
             return config.flag(key)
-    return nearest("--" + key.replace("_", "-"), [k for k in known if k.startswith("--")])
+    foreign = nearest(key, FOREIGN_FLAGS)  # a misspelt foreign name: --learnin_rate
+    if foreign and config.flag(FOREIGN_FLAGS[foreign]) in known:
+        return config.flag(FOREIGN_FLAGS[foreign])
+    # compared without the leading "--", which would make every pair of short flags look alike
+    close = nearest(key.replace("_", "-"), [k[2:] for k in known if k.startswith("--")])
+    return f"--{close}" if close else None
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose "unrecognized arguments" error names the flag meant."""
+    """An ArgumentParser whose "unrecognized arguments" error names the flag meant, and whose
+    errors are one ``error:`` line (not the whole usage, ~40 lines for train)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}\n  run '{self.prog} --help' for the options\n")
 
     def parse_known_args(self, args=None, namespace=None):
         parsed, extras = super().parse_known_args(args, namespace)
@@ -80,12 +89,13 @@ def _is_number(text: str) -> bool:
 def _help(f: dataclasses.Field, base, default) -> str:
     """A field's help with its default shown, escaped for argparse (which %-formats help strings)."""
     text = f.metadata.get("help", "")
+    required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     if base is bool:
         text = f"{text} (default: {'on' if default else 'off'})"
     elif default not in (None, "", []):
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         text = f"{text} (default: {shown})"
-    elif "default" not in text:  # the help does not already say what an unset value means
+    elif "default" not in text and not required:  # the help does not already say what an unset value means
         text = f"{text} (default: none)"
     if f.metadata.get("cli_only"):
         text += " [command line only: never read from .env or YAML]"

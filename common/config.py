@@ -244,6 +244,9 @@ def read_env_file(path: Path, cls) -> dict[str, str]:
                 hint = nearest(name, sorted(all_names))
                 problems.append(f"{path}: unknown key {key!r}" +
                                 (f" (did you mean {ENV_PREFIX + hint.upper()!r}?)" if hint else ""))
+        elif "TRUST_REMOTE_CODE" in key.upper():  # e.g. HF_DATASETS_TRUST_REMOTE_CODE: a library would run code
+            problems.append(f"{path}: {key}: refused from a file: it lets a library run code from a downloaded "
+                            "repository, so a cloned folder must not set it; set it in your shell if you mean it")
         elif key.startswith(ENV_PASSTHROUGH_PREFIXES) or is_secret(key):
             os.environ.setdefault(key, value)
         else:

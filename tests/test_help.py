@@ -69,3 +69,11 @@ def test_hints_only_name_flags_the_command_has(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["eval", "x", "--max_new_tokens=5"])
     assert exc.value.code == 2 and "did you mean --max-new-tokens?" in capsys.readouterr().err
+
+
+def test_a_flag_error_is_one_error_line_not_the_usage(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--backend", "tourch"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error: llm-ft train: argument --backend: invalid choice")
+    assert "usage:" not in err and err.count("\n") == 2

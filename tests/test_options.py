@@ -4,6 +4,7 @@ switches that no file may turn on, and the train flags unchanged by the grouping
 import dataclasses
 import importlib
 import math
+import os
 
 import pytest
 
@@ -165,6 +166,15 @@ def test_every_security_switch_is_marked(here):
     risky = {n for n in names if "trust" in n or "remote_code" in n or n in ("host", "share_on_network", "share")}
     assert risky <= {name for _, name in marked}
     assert ("ServeConfig", "host") in marked and ("TrainConfig", "trust_remote_code") in marked
+
+
+def test_env_file_cannot_pass_a_library_trust_switch_to_the_environment(here, monkeypatch):
+    monkeypatch.delenv("HF_DATASETS_TRUST_REMOTE_CODE", raising=False)
+    (here / ".env").write_text("HF_DATASETS_TRUST_REMOTE_CODE=1\n")
+    with pytest.raises(UserError) as exc:
+        resolve(TrainConfig, cwd=here)
+    assert exc.value.problems[0].startswith(f"{here / '.env'}: HF_DATASETS_TRUST_REMOTE_CODE: refused from a file")
+    assert "HF_DATASETS_TRUST_REMOTE_CODE" not in os.environ
 
 
 def test_parent_directory_env_cannot_opt_in(here):
