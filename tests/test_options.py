@@ -182,3 +182,17 @@ def test_parent_directory_env_cannot_opt_in(here):
     child = here / "clone"
     child.mkdir()
     assert resolve(TrainConfig, cwd=child).trust_remote_code is False
+
+
+def test_quant_choices_and_template_names_come_from_their_one_table(capsys):
+    from typing import get_args
+
+    from common.export import gguf_file
+    from common.export.cmd import Quant
+    from common.prompts import NAMED_TEMPLATES
+
+    assert get_args(Quant) == gguf_file.QUANTS
+    for command in ("train", "eval", "chat"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert ", ".join(NAMED_TEMPLATES) in " ".join(capsys.readouterr().out.split())
