@@ -35,7 +35,7 @@ FOREIGN_FLAGS: dict[str, str] = {
     "save_steps": "save_every", "save_total_limit": "keep", "resume_from_checkpoint": "resume",
     "dataset": "data", "train_file": "data", "dataset_text_field": "data", "data_path": "data",
     "chat_template_path": "chat_template", "bf16": "dtype", "fp16": "dtype",
-    "max_new_tokens_eval": "max_new_tokens", "quantization": "quant", "quantization_method": "quant",
+    "quantization": "quant", "quantization_method": "quant",
 }
 
 
@@ -44,12 +44,10 @@ def flag_hint(flag: str, known: Sequence[str]) -> str | None:
     known = list(known)
     name = flag.lstrip("-").split("=", 1)[0]
     key = name.replace("-", "_").lower()
+    # ours spelt with underscores (--max_seq_length, --no_packing), then a foreign name
     for candidate in (key, FOREIGN_FLAGS.get(key), FOREIGN_FLAGS.get(key.removeprefix("lora_"))):
         if candidate and config.flag(candidate) in known:
             return config.flag(candidate)
-    for prefix in ("no_", "use_"):  # --no_packing, --use_dora spelt with underscores
-        if key.startswith(prefix) and config.flag(key) in known:
-            return config.flag(key)
     foreign = nearest(key, FOREIGN_FLAGS)  # a misspelt foreign name: --learnin_rate
     if foreign and config.flag(FOREIGN_FLAGS[foreign]) in known:
         return config.flag(FOREIGN_FLAGS[foreign])
