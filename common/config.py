@@ -72,7 +72,7 @@ def range_problem(f: dataclasses.Field, value: Any) -> str | None:
     return f"must be {want}, got {value}"
 
 
-def _opts_in(f: dataclasses.Field, value: Any) -> bool:
+def opts_in(f: dataclasses.Field, value: Any) -> bool:
     """True when ``value`` turns on ``f``'s security switch (see ``opt(cli_only=...)``)."""
     guard = f.metadata.get("cli_only", False)
     if callable(guard):
@@ -316,7 +316,7 @@ def resolve(cls, cli: dict[str, Any] | None = None, config_file: str | None = No
         why = range_problem(fields[name], value)
         if why:
             problems.append(f"{where}: {why}")
-        elif from_file is not None and _opts_in(fields[name], value):
+        elif from_file is not None and opts_in(fields[name], value):
             problems.append(f"{where}: {value!r} is refused from a file: this switch runs code or exposes the machine, "
                             f"so a cloned folder must not turn it on; pass {flag(name)} on the command line instead")
         else:
@@ -374,7 +374,12 @@ def to_dict(cfg) -> dict[str, Any]:
 def to_yaml(cfg) -> str:
     import yaml
 
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+    values = to_dict(cfg)
+    # A switch that is on cannot be read back from a file (see opt(cli_only=...)): leave it out and say so.
+    opted_in = [f.name for f in dataclasses.fields(cfg) if f.name in values and opts_in(f, values[f.name])]
+    text = yaml.safe_dump({k: v for k, v in values.items() if k not in opted_in}, sort_keys=False, allow_unicode=True)
+    return text + "".join(f"# {name}: left out; pass {flag(name)} on the command line (never read from a file)\n"
+                          for name in opted_in)
 
 
 def example_yaml(cls, overrides: dict[str, Any] | None = None, title: str = "") -> str:

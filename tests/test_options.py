@@ -196,3 +196,13 @@ def test_quant_choices_and_template_names_come_from_their_one_table(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert ", ".join(NAMED_TEMPLATES) in " ".join(capsys.readouterr().out.split())
+
+
+def test_print_config_leaves_out_switches_a_file_cannot_set(here, capsys):
+    # the printed YAML is meant as a -c file, which would be refused with the switch in it
+    assert main(["train", "--trust-remote-code", "--lr", "1e-3", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    (here / "run.yaml").write_text(printed)
+    cfg = resolve(TrainConfig, {}, str(here / "run.yaml"), cwd=here)
+    assert cfg.lr == 1e-3 and cfg.trust_remote_code is False
+    assert "# trust_remote_code: left out; pass --trust-remote-code on the command line" in printed
