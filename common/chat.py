@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal, TextIO
 
 from common.command import main_for, make_parser
+from common.backends import BackendName
 from common.config import opt, register
 
 HELP = """commands:
@@ -33,7 +34,7 @@ class ChatConfig:
     max_new_tokens: int = opt(512, "longest answer, in tokens")
     seed: int = opt(0, "random seed for sampling (temperature > 0)")
     chat_template: str | None = opt(None, "override the chat template: chatml, llama3, alpaca or a .jinja file")
-    backend: Literal["auto", "torch", "mlx"] = opt("auto", "engine for runs and models (GGUF files use llama.cpp); "
+    backend: BackendName = opt("auto", "engine for runs and models (GGUF files use llama.cpp); "
                                                   "auto = the run's backend, else MLX on Apple Silicon, else torch")
     tokenizer: str | None = opt(None, "Hugging Face tokenizer directory whose chat template renders prompts for a GGUF")
     n_ctx: int = opt(4096, "llama.cpp context length in tokens")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from common.backends import BackendName
 from common.config import opt, register
 
 SMALL_MODEL_PARAMS = 1_000_000_000  # below this, the default learning rate is SMALL_MODEL_LR
@@ -47,7 +48,7 @@ class DataOptions:
 @dataclass
 class TrainConfig(DataOptions, ModelOptions):  # fields: model options first, then data
     out: str | None = opt(None, "run directory (default: runs/<model>-<timestamp>)")
-    backend: Literal["auto", "torch", "mlx"] = opt("auto", "training backend; auto = MLX on Apple Silicon when "
+    backend: BackendName = opt("auto", "training backend; auto = MLX on Apple Silicon when "
                                                   "installed, else PyTorch")
     device: str | None = opt(None, "torch device (cuda, cuda:1, mps, cpu); default: the best available")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "compute dtype; auto = bf16 on GPUs that "
