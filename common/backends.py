@@ -36,10 +36,12 @@ class Entry:
     plan: str
 
 
-REGISTRY: dict[str, Entry] = {
-    "torch": Entry("torch", "torch", "torch_ft.backend:TorchBackend", "torch_ft.generate:TorchGenerator", "torch_ft.plan:device_plan"),
+# fmt: off
+REGISTRY: dict[str, Entry] = {  # name: Entry(framework, extra, trainer, engine, plan)
+    "torch": Entry("torch", "torch", "torch_ft.backend:TorchBackend", "torch_ft.generate:TorchGenerator", "torch_ft.plan:device_plan"),  # noqa: E501
     "mlx": Entry("mlx", "mlx", "mlx_ft.backend:MLXBackend", "mlx_ft.generate:MLXGenerator", "mlx_ft.plan:device_plan"),
 }
+# fmt: on
 DEFAULT = "torch"  # auto's choice off Apple Silicon
 
 
@@ -76,7 +78,10 @@ def is_apple_silicon() -> bool:
 
 def installed(name: str) -> bool:
     """Whether ``name``'s framework can be imported (without importing it)."""
-    return importlib.util.find_spec(REGISTRY[name].framework) is not None
+    try:
+        return importlib.util.find_spec(REGISTRY[name].framework) is not None
+    except (ImportError, ValueError):  # a finder that refuses it, or a module without a spec
+        return False
 
 
 def resolve(name: str, prefer: str | None = None) -> str:

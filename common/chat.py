@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from typing import Literal, TextIO
+from typing import TextIO
 
-from common.command import main_for, make_parser
 from common.backends import BackendName
+from common.command import main_for, make_parser
 from common.config import opt, register
 
 HELP = """commands:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from common.options import TrainConfig
 from common.backends import REGISTRY, DevicePlan, device_plan, engine_class, load_backend
 from common.generation import Generator
+from common.options import TrainConfig
 from common.train.backend import Backend, BackendInfo, StepStats
 from common.train.batching import make_batch
 
@@ -177,3 +177,21 @@ def test_backend_contract(name, tiny_model_dir, examples, tmp_path):
     assert again == pytest.approx(ahead, rel=1e-6)
     assert all(math.isfinite(x) for x in again)
     assert fresh.eval_loss(batch)[0] == pytest.approx(backend.eval_loss(batch)[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("apple, have, prefer, want", [
+    (True, {"torch", "mlx"}, None, "mlx"),  # Apple Silicon with MLX installed
+    (False, {"torch", "mlx"}, None, "torch"),
+    (False, {"torch", "mlx"}, "mlx", "mlx"),  # a run's own backend, when installed
+    (True, {"torch"}, "mlx", "torch"),
+    (False, {"mlx"}, None, "mlx"),  # the only one installed
+    (False, set(), None, "torch"),  # none: torch, whose loading says what to install
+])
+def test_auto_resolves_to_an_installed_backend(monkeypatch, apple, have, prefer, want):
+    # Guards the one auto rule shared by train and the inference engines (they had two selectors).
+    from common import backends
+
+    monkeypatch.setattr(backends, "is_apple_silicon", lambda: apple)
+    monkeypatch.setattr(backends, "installed", lambda n: n in have)
+    assert backends.resolve("auto", prefer=prefer) == want
+    assert backends.resolve("mlx", prefer="torch") == "mlx"  # an explicit choice is kept

@@ -9,7 +9,6 @@ import copy
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 
