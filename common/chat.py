@@ -35,7 +35,7 @@ class ChatConfig:
     seed: int = opt(0, "random seed for sampling (temperature > 0)")
     chat_template: str | None = opt(None, "override the chat template: chatml, llama3, alpaca or a .jinja file")
     backend: BackendName = opt("auto", "engine for runs and models (GGUF files use llama.cpp); "
-                                                  "auto = the run's backend, else MLX on Apple Silicon, else torch")
+                               "auto = the run's backend, else MLX on Apple Silicon, else torch")
     tokenizer: str | None = opt(None, "Hugging Face tokenizer directory whose chat template renders prompts for a GGUF")
     n_ctx: int = opt(4096, "llama.cpp context length in tokens")
 

@@ -49,7 +49,7 @@ class DataOptions:
 class TrainConfig(DataOptions, ModelOptions):  # fields: model options first, then data
     out: str | None = opt(None, "run directory (default: runs/<model>-<timestamp>)")
     backend: BackendName = opt("auto", "training backend; auto = MLX on Apple Silicon when "
-                                                  "installed, else PyTorch")
+                               "installed, else PyTorch")
     device: str | None = opt(None, "torch device (cuda, cuda:1, mps, cpu); default: the best available")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "compute dtype; auto = bf16 on GPUs that "
                                                                    "support it, fp16 on older GPUs, fp32 on CPU")

@@ -68,3 +68,23 @@ def test_common_imports_and_check_data_runs_without_torch_mlx_or_backend_package
         result["imported"])
     assert result["code"] == 0 and result["leaked"] == []
     assert "the torch backend is not installed" in result["asked"] and "pip install" in result["asked"]
+
+
+# The one framework import left in common/: tensorboard's writer ships inside torch (--report-to tensorboard).
+LAZY_ALLOWED = {("common/train/metrics.py", "torch.utils.tensorboard")}
+
+
+def test_common_holds_no_framework_code_even_lazily():
+    # Guards the backend split: framework code (torch, mlx, torch_ft, mlx_ft) lives in the backend packages,
+    # which common reaches only through common.backends' registry strings.
+    import ast
+
+    found = set()
+    for path in (ROOT / "common").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            for name in names:
+                if name.split(".")[0] in ("torch", "mlx", "mlx_lm", "torch_ft", "mlx_ft"):
+                    found.add((path.relative_to(ROOT).as_posix(), name))
+    assert found <= LAZY_ALLOWED, sorted(found - LAZY_ALLOWED)

@@ -53,8 +53,8 @@ class EvalConfig:
                                             "'' for none")
     chat_template: str | None = opt(None, "override the chat template: chatml, llama3, alpaca or a .jinja file")
     backend: BackendName = opt("auto", "engine for runs and models (GGUF files always use "
-                                                  "llama.cpp); auto = the run's backend, else MLX on Apple "
-                                                  "Silicon, else torch")
+                               "llama.cpp); auto = the run's backend, else MLX on Apple "
+                               "Silicon, else torch")
     tokenizer: str | None = opt(None, "Hugging Face tokenizer directory whose chat template renders prompts for "
                                    "a GGUF (default: the run's base model for RUN/export/*.gguf, else the GGUF's own)")
     n_ctx: int = opt(4096, "llama.cpp context length in tokens")
