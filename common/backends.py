@@ -98,13 +98,14 @@ def resolve(name: str, prefer: str | None = None) -> str:
 
 
 def _load(name: str, part: str) -> Any:
-    entry = REGISTRY[resolve(name)]
+    name = resolve(name)
+    entry = REGISTRY[name]
     module_name, attr = getattr(entry, part).split(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         what = "backend" if part == "trainer" else "engine"
-        raise UserError(f"the {resolve(name)} {what} is not installed ({exc.name or exc}): "
+        raise UserError(f"the {name} {what} is not installed ({exc.name or exc}): "
                         f"pip install 'llm-ft[{entry.extra}]'") from None
     return getattr(module, attr)
 
