@@ -73,7 +73,7 @@ def side_ours(model_dir: str, lengths: list[int], vocab: int) -> dict:
     import torch
 
     from bench.ours import train_config
-    from common.train.backend import load_backend
+    from common.backends import load_backend
     from common.train.batching import make_batch
 
     cfg = train_config(model=model_dir, backend="torch", load_in_4bit=True, grad_checkpoint=True, batch_size=1,

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     from bench.gpu_mlx import DATASETS
     from bench.gpu_torch import MODELS_DIR, _task
     from bench.models import CONFIGS
-    from common.train.backend import load_backend
+    from common.backends import load_backend
     from common.train.loop import TrainData, Trainer
 
     model_dir = Path(_task("build", args.model, str(MODELS_DIR / args.model), "cuda")["path"])

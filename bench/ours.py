@@ -57,7 +57,7 @@ def run(cfg: TrainConfig, model_dir: Path, data, steps: int, *, label: str, back
     Peak memory: CUDA's max_memory_allocated since before setup (so it includes the
     weights, like the baselines'); elsewhere the caller measures the process.
     """
-    from common.train.backend import load_backend
+    from common.backends import load_backend
     from common.train.loop import Trainer
 
     if cuda:

@@ -43,9 +43,9 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("cudnn_sdp") is False:  # diagnosis: keep SDPA off the cuDNN attention backend
         torch.backends.cuda.enable_cudnn_sdp(False)
     if spec.get("cpu_tokens_per_pass"):  # ablation: the CPU row groups of the torch backend
-        from common.train import backend as contract
+        from torch_ft import plan
 
-        contract.CPU_TOKENS_PER_PASS = int(spec["cpu_tokens_per_pass"])
+        plan.CPU_TOKENS_PER_PASS = int(spec["cpu_tokens_per_pass"])
     examples = _examples(spec)
     cuda = spec["device"].startswith("cuda")
     start = load_average()

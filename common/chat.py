@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from typing import Literal, TextIO
+from typing import TextIO
 
+from common.backends import BackendName
 from common.command import main_for, make_parser
 from common.config import opt, register
 from common.prompts import TEMPLATE_NAMES
@@ -34,7 +35,7 @@ class ChatConfig:
     max_new_tokens: int = opt(512, "longest answer, in tokens", min=1)
     seed: int = opt(0, "random seed for sampling (temperature > 0)", min=0)
     chat_template: str | None = opt(None, f"override the chat template: {TEMPLATE_NAMES} or a .jinja file")
-    backend: Literal["auto", "torch", "mlx"] = opt("auto", "engine for runs and models (GGUF files use llama.cpp); "
+    backend: BackendName = opt("auto", "engine for runs and models (GGUF files use llama.cpp); "
                                                   "auto = the run's backend, else MLX on Apple Silicon, else torch")
     tokenizer: str | None = opt(None, "Hugging Face tokenizer directory whose chat template renders prompts for a GGUF")
     n_ctx: int = opt(4096, "llama.cpp context length in tokens", min=1)

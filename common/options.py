@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Literal, TypeVar
 
+from common.backends import BackendName
 from common.config import opt, register
 from common.prompts import TEMPLATE_NAMES
 
@@ -106,7 +107,7 @@ class MemoryOptions:
 @dataclass
 class DeviceOptions:
     GROUP = "backend and device"
-    backend: Literal["auto", "torch", "mlx"] = opt("auto", "training backend; auto = MLX on Apple Silicon when "
+    backend: BackendName = opt("auto", "training backend; auto = MLX on Apple Silicon when "
                                                   "installed, else PyTorch")
     device: str | None = opt(None, "torch device (cuda, cuda:1, mps, cpu); default: the best available")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "compute dtype; auto = bf16 on GPUs that "

@@ -177,7 +177,7 @@ class Models:
     """The loaded target and, on first use, the run's base model without its adapter."""
 
     def __init__(self, cfg: ServeConfig):
-        from common.generate import load_generator, resolve_target
+        from common.generation import load_generator, resolve_target
 
         self.cfg = cfg
         self.target = resolve_target(cfg.target)
@@ -205,7 +205,7 @@ class Models:
     def base_generator(self):
         """The run's base model alone (same tokenizer, template and engine), loaded on first use."""
         if self.base is None:
-            from common.generate import load_generator
+            from common.generation import load_generator
 
             base = replace(self.target, kind="model", adapter_dir=None, name=f"{self.target.name}-base")
             engine = {"llama.cpp": "llama"}.get(self.main.backend, self.main.backend)

@@ -26,6 +26,7 @@ from mlx_lm.utils import get_total_parameters
 
 from common.errors import UserError
 from common.io import atomic_path, write_json
+from common.options import TrainConfig
 from common.train.backend import BackendInfo, Batch, StepStats
 from mlx_ft import lanes, lora, peft_format
 from mlx_ft import loss as mlxloss
@@ -81,9 +82,9 @@ class MLXBackend:
 
     # -- setup -------------------------------------------------------------------
 
-    def setup(self, model_dir: Path, cfg: Any, pad_id: int) -> BackendInfo:
+    def setup(self, model_dir: Path, cfg: TrainConfig, pad_id: int) -> BackendInfo:
         notes: list[str] = []
-        mlxm.select_device(getattr(cfg, "device", None))
+        mlxm.select_device(cfg.device)
         self.pad_id = pad_id
         self.seed = int(cfg.seed)
         self.draws = 0  # micro-batches run so far: the dropout RNG position

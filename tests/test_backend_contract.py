@@ -1,7 +1,8 @@
-"""The one contract every training backend passes (common.train.backend.Backend), on the tiny model.
+"""The one contract every registered backend passes (common.backends.REGISTRY), on the tiny model.
 
-Backend-agnostic: it uses only the Protocol, plus transformers + peft as the outside
-judge of the PEFT files a backend writes.
+Backend-agnostic: it uses only the registry and the Protocol (common.train.backend.Backend),
+plus transformers + peft as the outside judge of the PEFT files a backend writes. A new
+registry line is tested here without a line of this file changing.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from common.backends import REGISTRY, DevicePlan, device_plan, engine_class, load_backend
+from common.generation import Generator
 from common.options import TrainConfig
-from common.train.backend import BackendInfo, StepStats, load_backend
+from common.train.backend import Backend, BackendInfo, StepStats
 from common.train.batching import make_batch
 
 # peft asks transformers a deprecated question when it wraps a model; not ours to fix.
@@ -41,13 +44,11 @@ def one_thread():
 
 
 def make(name: str):
-    if name == "mlx":
-        pytest.importorskip("mlx.core")
-        pytest.importorskip("mlx_ft.backend", reason="the MLX backend (mlx_ft/backend.py) is not built yet")
-    else:
-        pytest.importorskip("torch")
-        pytest.importorskip("peft")
-    return load_backend(name)
+    pytest.importorskip(REGISTRY[name].framework, reason=f"the {name} backend's framework is not installed")
+    pytest.importorskip("peft")  # the outside judge
+    backend = load_backend(name)
+    assert isinstance(backend, Backend) and backend.name == name
+    return backend
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +105,20 @@ def peft_mean_loss(model_dir: Path, adapter_dir: Path, examples) -> float:
     return total / count
 
 
-@pytest.fixture(params=["torch", "mlx"])
+@pytest.fixture(params=sorted(REGISTRY))
 def name(request):
     return request.param
+
+
+def test_registry_line_names_an_engine_and_a_device_plan(name):
+    pytest.importorskip(REGISTRY[name].framework, reason=f"the {name} backend's framework is not installed")
+    engine = engine_class(name)
+    assert issubclass(engine, Generator) and engine.backend == name and callable(engine.load)
+    cpu = device_plan(name, "cpu", "auto")  # the CPU trains in fp32 on every backend
+    assert isinstance(cpu, DevicePlan) and cpu.backend == name and cpu.dtype_bytes == 4
+    assert cpu.overhead_bytes > 0 and cpu.slack >= 1 and 0 < cpu.quant_bytes < 1
+    assert device_plan(name, "cpu", "bfloat16").dtype_bytes == 2
+    assert 1 <= cpu.rows_per_pass(4, 100) <= 4
 
 
 def test_backend_contract(name, tiny_model_dir, examples, tmp_path):
@@ -165,3 +177,21 @@ def test_backend_contract(name, tiny_model_dir, examples, tmp_path):
     assert again == pytest.approx(ahead, rel=1e-6)
     assert all(math.isfinite(x) for x in again)
     assert fresh.eval_loss(batch)[0] == pytest.approx(backend.eval_loss(batch)[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("apple, have, prefer, want", [
+    (True, {"torch", "mlx"}, None, "mlx"),  # Apple Silicon with MLX installed
+    (False, {"torch", "mlx"}, None, "torch"),
+    (False, {"torch", "mlx"}, "mlx", "mlx"),  # a run's own backend, when installed
+    (True, {"torch"}, "mlx", "torch"),
+    (False, {"mlx"}, None, "mlx"),  # the only one installed
+    (False, set(), None, "torch"),  # none: torch, whose loading says what to install
+])
+def test_auto_resolves_to_an_installed_backend(monkeypatch, apple, have, prefer, want):
+    # Guards the one auto rule shared by train and the inference engines (they had two selectors).
+    from common import backends
+
+    monkeypatch.setattr(backends, "is_apple_silicon", lambda: apple)
+    monkeypatch.setattr(backends, "installed", lambda n: n in have)
+    assert backends.resolve("auto", prefer=prefer) == want
+    assert backends.resolve("mlx", prefer="torch") == "mlx"  # an explicit choice is kept

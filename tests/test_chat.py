@@ -44,7 +44,7 @@ def one_shot(capsys, argv) -> tuple[str, str]:
 
 @pytest.mark.torch
 def test_one_shot_prints_only_the_answer(tiny_model_dir, capsys):
-    from common.generate import load_generator
+    from common.generation import load_generator
 
     out, _ = one_shot(capsys, [str(tiny_model_dir), "--prompt", MSG, "--max-new-tokens", "12", "--system", "Be brief."])
     expected = load_generator(str(tiny_model_dir), system_prompt="Be brief.").generate(
@@ -55,7 +55,7 @@ def test_one_shot_prints_only_the_answer(tiny_model_dir, capsys):
 @pytest.mark.llama
 @pytest.mark.torch
 def test_one_shot_gguf_matches_transformers(tiny_model_dir, tiny_gguf, capsys):
-    from common.generate import load_generator
+    from common.generation import load_generator
 
     gguf_out, _ = one_shot(capsys, [str(tiny_gguf), "--prompt", MSG, "--max-new-tokens", "12", "--system", "Be brief."])
     hf_out, _ = one_shot(capsys, [str(tiny_model_dir), "--prompt", MSG, "--max-new-tokens", "12", "--system", "Be brief."])
@@ -87,7 +87,7 @@ def run_interactive(target: str, script: str, monkeypatch, capsys) -> tuple[str,
 @pytest.mark.torch
 def test_interactive_reset_and_system(tiny_model_dir, monkeypatch, capsys):
     from common.chat import ChatConfig, ChatSession
-    from common.generate import load_generator
+    from common.generation import load_generator
 
     target = str(tiny_model_dir)
     out, err = run_interactive(target, f"{MSG}\nplay some jazz\n/reset\n{MSG}\n/system Be brief.\n{MSG}\n/exit\n"
@@ -124,7 +124,7 @@ def test_interactive_reset_and_system(tiny_model_dir, monkeypatch, capsys):
 
 @pytest.mark.llama
 def test_interactive_gguf_multi_turn(tiny_gguf, monkeypatch, capsys):
-    from common.generate import load_generator
+    from common.generation import load_generator
 
     out, _ = run_interactive(str(tiny_gguf), f"{MSG}\n{MSG}\n/reset\n{MSG}\n", monkeypatch, capsys)
     gen = load_generator(str(tiny_gguf))
@@ -155,7 +155,7 @@ def test_loading_a_generator_leaves_autograd_on(tiny_model_dir):
     # Regression: the transformers generator switched autograd off process-wide, so any
     # training later in the same process (tests, serve) failed with "does not require grad".
     torch = pytest.importorskip("torch")
-    from common.generate import load_generator
+    from common.generation import load_generator
 
     gen = load_generator(str(tiny_model_dir), system_prompt="")
     gen.generate([{"role": "user", "content": "hello"}], max_new_tokens=2)
@@ -163,3 +163,25 @@ def test_loading_a_generator_leaves_autograd_on(tiny_model_dir):
     w = torch.ones(2, requires_grad=True)
     (w * 3).sum().backward()
     assert w.grad.tolist() == [3.0, 3.0]
+
+
+def test_every_registered_engine_loads_a_model_and_agrees_on_its_loss(tiny_model_dir):
+    # Guards the registry's engine lines: each backend's generator loads through load_generator, not by name.
+    from common.backends import REGISTRY, installed
+    from common.generation import load_generator
+    from common.rows import Conversation
+
+    names = [n for n in sorted(REGISTRY) if installed(n)]
+    if not names:
+        pytest.skip("no backend framework installed")
+    msgs = [{"role": "user", "content": MSG}]
+    losses = {}
+    for name in names:
+        gen = load_generator(str(tiny_model_dir), backend=name, system_prompt="Be brief.")
+        assert gen.describe()["backend"] == name == type(gen).backend
+        assert isinstance(gen.generate(msgs, max_new_tokens=4), str) and gen.new_tokens > 0
+        total, count = gen.loss([gen.formatter.encode(Conversation([*msgs, {"role": "assistant", "content": "ok"}]))])
+        losses[name] = total / count
+        gen.close()
+    first = losses[names[0]]
+    assert all(v == pytest.approx(first, rel=1e-3) for v in losses.values()), losses

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from common.backends import device_plan
 from common.errors import UserError
 from common.models import memory
 from common.options import DEFAULT_TARGETS
@@ -35,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
            "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
            "head_dim": 64, "tie_word_embeddings": True}
-BASE = dict(backend="torch", device="cpu", dtype_bytes=4, load_in_4bit=False, lora_r=16, targets=DEFAULT_TARGETS,
+CPU = device_plan("torch", "cpu", "float32")
+BASE = dict(plan=CPU, load_in_4bit=False, lora_r=16, targets=DEFAULT_TARGETS,
             batch_size=4, seq_len=256, grad_checkpoint=False)
 
 
@@ -52,7 +54,7 @@ def test_parts_follow_the_formulas():
     # r * (in + out) per adapted matrix, 30 layers, 16 bytes each (fp32 weight, grad, Adam m and v)
     per_layer = 16 * ((576 + 576) * 2 + (576 + 192) * 2 + (576 + 1536) * 3)
     assert e.parts["lora+adam"] == 30 * per_layer * 16
-    assert e.parts["logits"] == int(4 * 256 * 49152 * 4 * memory.LOGIT_COPIES * memory.SLACK["torch-cpu"])
+    assert e.parts["logits"] == int(4 * 256 * 49152 * 4 * memory.LOGIT_COPIES * CPU.slack)
 
 
 def test_each_lever_lowers_its_part():
@@ -62,17 +64,20 @@ def test_each_lever_lowers_its_part():
     assert est(seq_len=128).parts["activations"] < e.parts["activations"]
     fewer = est(num_layers=10)
     assert fewer.parts["lora+adam"] * 3 == e.parts["lora+adam"] and fewer.parts["activations"] < e.parts["activations"]
-    cuda = est(device="cuda", dtype_bytes=2)
-    nf4 = est(device="cuda", dtype_bytes=2, load_in_4bit=True)
+    cuda_plan = device_plan("torch", "cuda", "bfloat16")
+    cuda = est(plan=cuda_plan)
+    nf4 = est(plan=cuda_plan, load_in_4bit=True)
+    assert cuda_plan.can_quantize and not CPU.can_quantize  # bitsandbytes 4-bit needs CUDA
     assert nf4.parts["weights"] < cuda.parts["weights"] / 2  # linear layers at ~4.1 bits, embeddings at 16
-    mlx4 = est(backend="mlx", dtype_bytes=2, load_in_4bit=True)
+    mlx4 = est(plan=device_plan("mlx", "gpu", "bfloat16"), load_in_4bit=True)
     assert mlx4.parts["weights"] < nf4.parts["weights"]  # MLX quantizes the (large) embedding too
 
 
 def test_mlx_quantized_checkpoint_counts_packed_weights():
     q4 = {**SMOLLM2, "quantization": {"group_size": 64, "bits": 4}}
-    packed = memory.estimate_training_memory(q4, **{**BASE, "backend": "mlx", "dtype_bytes": 2})
-    assert packed.parts["weights"] == est(backend="mlx", dtype_bytes=2, load_in_4bit=True).parts["weights"]
+    gpu = device_plan("mlx", "gpu", "bfloat16")
+    packed = memory.estimate_training_memory(q4, **{**BASE, "plan": gpu})
+    assert packed.parts["weights"] == est(plan=gpu, load_in_4bit=True).parts["weights"]
 
 
 def test_parameter_count_matches_safetensors_for_each_family(tmp_path):
@@ -104,7 +109,7 @@ def test_preflight_passes_or_explains_what_would_fit():
 
 def test_preflight_suggests_4bit_on_cuda():
     with pytest.raises(UserError) as err:
-        memory.preflight(SMOLLM2, **{**BASE, "device": "cuda", "dtype_bytes": 2, "seq_len": 2048},
+        memory.preflight(SMOLLM2, **{**BASE, "plan": device_plan("torch", "cuda", "bfloat16"), "seq_len": 2048},
                          limit_bytes=3 << 30)
     assert "--load-in-4bit" in err.value.render() or "no single or paired change fits" in err.value.render()
 
@@ -115,7 +120,7 @@ def test_preflight_never_blocks_on_unknown_memory():
 
 
 def test_available_memory_on_this_machine():
-    available, where = memory.available_memory("torch", "cpu")
+    available, where = memory.available_memory(CPU)
     assert available > 0 and ("RAM" in where or "unified" in where)
 
 

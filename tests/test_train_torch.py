@@ -293,20 +293,20 @@ def test_varlen_implementation_falls_through_to_sdpa_without_segments(tiny_model
 def test_cpu_batches_run_in_row_groups_with_the_same_gradients(tiny_model_dir):
     # On the CPU a batch wider than CPU_TOKENS_PER_PASS runs in row groups (less activation memory);
     # the summed loss and the update must equal one pass over the whole batch.
-    from common.train import backend as contract
+    from torch_ft import plan as plans
 
     rows = [[Example(list(range(5 + k, 5 + k + n)), [0] * 3 + [1] * (n - 3))] for k, n in enumerate((70, 52, 66, 9))]
     batch = make_batch(rows, 0)
     width = len(batch.input_ids[0])
-    per = contract.rows_per_pass(4, width, "cpu")
-    assert per == max(1, contract.CPU_TOKENS_PER_PASS // width) < 4
-    assert contract.rows_per_pass(4, width, "cuda") == 4
+    per = plans.rows_per_pass(4, width, "cpu")
+    assert per == max(1, plans.CPU_TOKENS_PER_PASS // width) < 4
+    assert plans.rows_per_pass(4, width, "cuda") == 4
     part = batch.rows(3, 4)
     assert len(part.input_ids[0]) == 9 and part.n_tokens == 9 and part.n_supervised == 6  # trimmed to its row
     results = []
-    default = contract.CPU_TOKENS_PER_PASS
+    default = plans.CPU_TOKENS_PER_PASS
     for budget in (default, 10**6):
-        contract.CPU_TOKENS_PER_PASS = budget
+        plans.CPU_TOKENS_PER_PASS = budget
         try:
             b = backend_for(tiny_model_dir)
             assert len(b._passes(batch)) == (-(-4 // per) if budget == default else 1)
@@ -314,7 +314,7 @@ def test_cpu_batches_run_in_row_groups_with_the_same_gradients(tiny_model_dir):
             b.optimizer_step(1e-2, 1.0)
             results.append((loss, b.eval_loss(batch)[0]))
         finally:
-            contract.CPU_TOKENS_PER_PASS = default
+            plans.CPU_TOKENS_PER_PASS = default
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     assert results[0][1] == pytest.approx(results[1][1], rel=1e-6)
 
@@ -345,14 +345,14 @@ def test_lean_lora_forward_is_peft_forward(tiny_model_dir, use_dora, monkeypatch
 
 def test_cpu_recomputes_some_layers_with_the_same_gradients(tiny_model_dir):
     # Guards the CPU's partial gradient checkpointing: fewer kept activations, not a different step.
-    from common.train import backend as contract
+    from torch_ft import plan as plans
 
     batch = make_batch([[Example(list(range(5, 40)), [0] * 5 + [1] * 30)], [Example(list(range(50, 70)), [1] * 20)]], 0)
     results = []
     for recompute in (True, False):
         b = backend_for(tiny_model_dir)
         layers = b.causal_lm.get_decoder().layers
-        expected = [i % contract.CPU_RECOMPUTE_EVERY == 0 for i in range(len(layers))]
+        expected = [i % plans.CPU_RECOMPUTE_EVERY == 0 for i in range(len(layers))]
         assert [bool(m.gradient_checkpointing) for m in layers] == expected and any(expected)
         if not recompute:
             for m in layers:

@@ -9,14 +9,15 @@ import copy
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from common.errors import UserError
-from common.train.backend import CPU_RECOMPUTE_EVERY, BackendInfo, Batch, StepStats, rows_per_pass
+from common.options import TrainConfig
+from common.train.backend import BackendInfo, Batch, StepStats
 from torch_ft import attention, kernels, lora_forward
 from torch_ft import device as devices
+from torch_ft import plan as plans
 from torch_ft import state as states
 from torch_ft.loss import model_inputs, supervised_loss
 from torch_ft.model import attach_lora, checkpoint_every, load_base
@@ -41,18 +42,18 @@ class TorchBackend:
 
     # -- setup -----------------------------------------------------------------
 
-    def setup(self, model_dir: Path, cfg: Any, pad_id: int) -> BackendInfo:
+    def setup(self, model_dir: Path, cfg: TrainConfig, pad_id: int) -> BackendInfo:
         self.prec = devices.choose(cfg.device, cfg.dtype)
         self.pad_id = pad_id
         base = load_base(Path(model_dir), cfg, self.prec)
-        kernel_note = kernels.apply(base, self.prec, getattr(cfg, "kernels", "auto"))
+        kernel_note = kernels.apply(base, self.prec, cfg.kernels)
         self.model, targets = attach_lora(base, cfg, cfg.seed)
         lora_forward.install(self.model, autocast=self.prec.autocast)
         recompute = None
         if self.prec.kind == "cpu" and not cfg.grad_checkpoint:
-            done, total = checkpoint_every(self.model.get_base_model(), CPU_RECOMPUTE_EVERY)
+            done, total = checkpoint_every(self.model.get_base_model(), plans.CPU_RECOMPUTE_EVERY)
             recompute = f"CPU: {done} of {total} layers recomputed in backward (less memory, ~20% more time)"
-        compile_note = kernels.compile_layers(self.model, self.prec, getattr(cfg, "compile", "off"))
+        compile_note = kernels.compile_layers(self.model, self.prec, cfg.compile)
         self.causal_lm = self.model.get_base_model()
         self.attn_impl = getattr(self.causal_lm.config, "_attn_implementation", "sdpa") or "sdpa"
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -109,9 +110,9 @@ class TorchBackend:
         return total
 
     def _passes(self, batch: Batch) -> list[Batch]:
-        """The batch in row groups (``common.train.backend.rows_per_pass``: on the CPU only)."""
+        """The batch in row groups (``torch_ft.plan.rows_per_pass``: on the CPU only)."""
         rows = len(batch.input_ids)
-        per = rows_per_pass(rows, len(batch.input_ids[0]) if rows else 0, self.prec.kind)
+        per = plans.rows_per_pass(rows, len(batch.input_ids[0]) if rows else 0, self.prec.kind)
         if per >= rows:
             return [batch]
         return [batch.rows(i, i + per) for i in range(0, rows, per)]

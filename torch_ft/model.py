@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from common.errors import UserError
+from common.options import TrainConfig
 from torch_ft.device import Precision
 
 QLORA_ALTERNATIVES = ("on a Mac, use --backend mlx (MLX trains on a 4-bit base on Apple Silicon); "
@@ -39,7 +40,7 @@ def attention_implementation(prec: Precision, packing: bool, choice: str = "auto
     return "sdpa"
 
 
-def _quantization_config(cfg: Any, prec: Precision):
+def _quantization_config(cfg: TrainConfig, prec: Precision):
     if not (cfg.load_in_4bit or cfg.load_in_8bit):
         return None
     bits = 4 if cfg.load_in_4bit else 8
@@ -59,12 +60,12 @@ def _quantization_config(cfg: Any, prec: Precision):
                               bnb_4bit_compute_dtype=compute)
 
 
-def load_base(model_dir: Path, cfg: Any, prec: Precision):
+def load_base(model_dir: Path, cfg: TrainConfig, prec: Precision):
     """The frozen base model on ``prec.device`` in ``prec.dtype`` (or 4/8-bit with bitsandbytes)."""
     from transformers import AutoModelForCausalLM
 
     quant = _quantization_config(cfg, prec)
-    attn = attention_implementation(prec, cfg.packing, getattr(cfg, "attention", "auto"))
+    attn = attention_implementation(prec, cfg.packing, cfg.attention)
     kwargs: dict[str, Any] = dict(dtype=prec.dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code,
                                   attn_implementation=attn)
     if quant is not None:
@@ -125,7 +126,7 @@ def linear_names(model) -> list[str]:
     return names
 
 
-def lora_config(model, cfg: Any):
+def lora_config(model, cfg: TrainConfig):
     """A peft LoraConfig for ``cfg``: targets filtered to those the model has, layers counted from the top."""
     from peft import LoraConfig
 
@@ -148,7 +149,7 @@ def lora_config(model, cfg: Any):
                       layers_to_transform=layers)
 
 
-def attach_lora(model, cfg: Any, seed: int):
+def attach_lora(model, cfg: TrainConfig, seed: int):
     """Wrap ``model`` with a LoRA adapter initialised from ``seed`` (A: Kaiming uniform, B: zeros)."""
     from peft import get_peft_model
 

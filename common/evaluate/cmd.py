@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from common import io
+from common.backends import BackendName
 from common.command import main_for, make_parser
 from common.config import opt, register
 from common.errors import UserError
@@ -52,7 +53,7 @@ class EvalConfig:
                                             "default: the evaluated run's, else ./system_prompt.txt if present; "
                                             "'' for none")
     chat_template: str | None = opt(None, f"override the chat template: {TEMPLATE_NAMES} or a .jinja file")
-    backend: Literal["auto", "torch", "mlx"] = opt("auto", "engine for runs and models (GGUF files always use "
+    backend: BackendName = opt("auto", "engine for runs and models (GGUF files always use "
                                                   "llama.cpp); auto = the run's backend, else MLX on Apple "
                                                   "Silicon, else torch")
     tokenizer: str | None = opt(None, "Hugging Face tokenizer directory whose chat template renders prompts for "

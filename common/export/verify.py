@@ -9,8 +9,8 @@
 3. Greedy answers on held-out prompts: agreement with the trained model, and whether
    llama.cpp stops with an end-of-turn token before the limit.
 
-torch is imported only here and only for the reference; without it the logit and
-answer checks are skipped with a note.
+The reference runs in the torch backend's engine (common.backends); without torch the
+logit and answer checks are skipped with a note.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from common import backends
 from common.errors import UserError
 
 NMSE_LIMIT = 1e-4  # for lossless-ish exports (f32, f16)
@@ -126,33 +127,13 @@ def check_tokens(llm, formatter, conversations: list[list[dict]], report: Verify
 # 2. logits and 3. greedy answers
 
 
-class Reference:
-    """The trained model in transformers (+ peft adapter, unmerged)."""
+def reference(model_dir: Path, adapter_dir: Path | None):
+    """The trained model (+ adapter, unmerged) in the torch backend's engine, fp32 on the CPU."""
+    from common.generation import Target
 
-    def __init__(self, model_dir: Path, adapter_dir: Path | None):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        self.torch = torch
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-        if adapter_dir is not None:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(adapter_dir))
-        self.model = model.eval()
-
-    def logits(self, ids: list[int]) -> np.ndarray:
-        with self.torch.no_grad():
-            return self.model(self.torch.tensor([ids])).logits[0].float().numpy()
-
-    def greedy(self, ids: list[int], stop_ids: set[int], max_tokens: int) -> tuple[list[int], bool]:
-        with self.torch.no_grad():
-            out = self.model.generate(self.torch.tensor([ids]), attention_mask=self.torch.ones(1, len(ids), dtype=self.torch.long),
-                                      max_new_tokens=max_tokens, do_sample=False, eos_token_id=sorted(stop_ids),
-                                      pad_token_id=min(stop_ids))
-        new = out[0, len(ids):].tolist()
-        stopped = bool(new) and new[-1] in stop_ids
-        return (new[:-1] if stopped else new), stopped
+    target = Target(str(model_dir), "model", Path(model_dir).name, model_dir=Path(model_dir), adapter_dir=adapter_dir)
+    return backends.engine_class("torch").load(target, system_prompt=None, chat_template=None, device="cpu",
+                                               dtype="float32")
 
 
 def llama_logits(llm, ids: list[int]) -> np.ndarray:
@@ -180,7 +161,7 @@ def nmse(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.mean((got - want) ** 2) / max(float(np.mean(want ** 2)), 1e-30))
 
 
-def check_logits(llm, ref: Reference, prompts: list[list[int]], quant: str, report: VerifyReport) -> None:
+def check_logits(llm, ref, prompts: list[list[int]], quant: str, report: VerifyReport) -> None:
     values, top1 = [], []
     for ids in prompts:
         got, want = llama_logits(llm, ids), ref.logits(ids)
@@ -197,7 +178,7 @@ def check_logits(llm, ref: Reference, prompts: list[list[int]], quant: str, repo
         report.fail(f"logits NMSE {worst:.2e} >= {NMSE_LIMIT:g} for a {quant} export")
 
 
-def check_greedy(llm, ref: Reference, formatter, conversations: list[list[dict]], max_tokens: int,
+def check_greedy(llm, ref, formatter, conversations: list[list[dict]], max_tokens: int,
                  report: VerifyReport) -> None:
     stop_ids = set(formatter.eot_ids) | ({formatter.eos_id} if formatter.eos_id is not None else set())
     if not stop_ids:
@@ -208,7 +189,7 @@ def check_greedy(llm, ref: Reference, formatter, conversations: list[list[dict]]
     for msgs in conversations:
         ids = formatter.prompt_ids(msgs)
         got, got_stop = llama_greedy(llm, ids, stop_ids, max_tokens)
-        want, _ = ref.greedy(ids, stop_ids, max_tokens)
+        want, _ = ref.greedy_ids(ids, stop_ids, max_tokens)
         same += got == want
         stopped += got_stop
         if len(examples) < 5:
@@ -232,12 +213,11 @@ def verify_gguf(gguf_path: Path, *, formatter, quant: str, model_dir: Path, adap
     llm = load_llama(gguf_path, lora=lora, n_ctx=max(256, longest + max_tokens + 8))
     try:
         check_tokens(llm, formatter, convs, report, raw_text_exact)
-        try:
-            ref = Reference(model_dir, adapter_dir)
-        except ImportError:
+        if not backends.installed("torch"):
             report.notes.append("torch/transformers not installed: logits and greedy answers not compared "
                                 "(pip install 'llm-ft[torch]')")
             return report
+        ref = reference(model_dir, adapter_dir)
         prompts = [formatter.prompt_ids(m) for m in convs[:4]]
         prompts.append(list(formatter.tokenizer.encode(PROBE_TEXTS[0] + " " + PROBE_TEXTS[2], add_special_tokens=False)))
         check_logits(llm, ref, prompts, quant, report)

@@ -1,8 +1,9 @@
 """Load anything a user can point at and generate from it: one interface for every engine.
 
 Targets: a run directory (base + adapter, never merged), a model spec or Hugging Face
-directory (a base model or a merged one), or a ``.gguf`` file (llama.cpp). Engines:
-transformers + peft (``torch``), mlx-lm (``mlx``) and llama-cpp-python (``llama``).
+directory (a base model or a merged one), or a ``.gguf`` file (llama.cpp). Engines: each
+backend's (common.backends: transformers + peft in ``torch_ft.generate``, mlx-lm in
+``mlx_ft.generate``) and llama-cpp-python (``llama``, common.generation.llama) for GGUF files.
 
 Whatever the engine, prompts come from :class:`common.prompts.ChatFormatter` (the chat
 template rendered in the sandbox, the system prompt inserted where a conversation has
@@ -12,12 +13,12 @@ and any other temperature samples from a seeded generator.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common import backends
 from common.errors import UserError
 from common.prompts import ChatFormatter
 from common.rows import Example
@@ -215,25 +216,15 @@ class StreamDecoder:
 
 
 def choose_engine(target: Target, backend: str) -> str:
-    """``llama`` for GGUF files; for the rest, ``torch`` or ``mlx`` (``auto``: the run's backend if
-    installed, else MLX on Apple Silicon, else torch, else MLX)."""
+    """``llama`` for GGUF files; for the rest, a registered backend (``auto``: the run's own
+    backend if installed, else :func:`common.backends.resolve`'s choice)."""
     if target.kind == "gguf":
         if backend not in ("auto", "llama"):
             raise UserError(f"{target.gguf_file}: a GGUF file runs in llama.cpp; --backend {backend} does not apply")
         return "llama"
     if backend == "llama":
         raise UserError(f"{target.spec}: --backend llama needs a .gguf file (export one with 'llm-ft export')")
-    if backend != "auto":
-        return backend
-    have = {name: importlib.util.find_spec(name) is not None for name in ("torch", "mlx")}
-    if target.backend in have and have[target.backend]:
-        return target.backend
-    from common.train.backend import choose_backend
-
-    chosen = choose_backend("auto")
-    if not have.get(chosen) and have.get("mlx" if chosen == "torch" else "torch"):
-        chosen = "mlx" if chosen == "torch" else "torch"
-    return chosen
+    return backends.resolve(backend, prefer=target.backend)
 
 
 def load_generator(target: str | Target, *, backend: str = "auto", system_prompt: str | None = None,
@@ -254,17 +245,10 @@ def load_generator(target: str | Target, *, backend: str = "auto", system_prompt
         from common.generation.llama import LlamaGenerator
 
         return LlamaGenerator.load(t, system_prompt=prompt, chat_template=template, n_ctx=n_ctx)
-    if engine == "torch":
-        from common.generation.hf import TorchGenerator
-
-        return TorchGenerator.load(t, system_prompt=prompt, chat_template=template, device=device, dtype=dtype)
-    if engine == "mlx":
-        from common.generation.mlx import MLXGenerator
-
-        return MLXGenerator.load(t, system_prompt=prompt, chat_template=template)
-    raise UserError(f"unknown backend {backend!r}: choose auto, torch, mlx or llama")
+    return backends.engine_class(engine).load(t, system_prompt=prompt, chat_template=template, device=device,
+                                              dtype=dtype)
 
 
 def missing_extra(engine: str, exc: ImportError) -> UserError:
-    extra = {"torch": "torch", "mlx": "mlx", "llama": "verify"}[engine]
+    extra = backends.REGISTRY[engine].extra if engine in backends.REGISTRY else "verify"
     return UserError(f"the {engine} engine is not installed ({exc.name or exc}): pip install 'llm-ft[{extra}]'")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from common.adapters import IMPORT_ADAPTER_HELP, ModelsImportAdapterConfig, run_import_adapter
+from common.backends import BackendName
 from common.command import Parser, add_arguments, add_config_arguments, from_args
 from common.config import opt, register
 from common.options import DEFAULT_TARGETS
@@ -42,7 +43,7 @@ class ModelsInfoConfig:
                      positional=True)
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of MODEL")
     trust_remote_code: bool = opt(False, "allow models that need their own Python code", cli_only=True)
-    backend: Literal["auto", "torch", "mlx"] = opt("auto", "backend to estimate memory for")
+    backend: BackendName = opt("auto", "backend to estimate memory for")
     device: str | None = opt(None, "torch device for the estimate (cuda, cuda:1, mps, cpu); default: the best available")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "compute dtype for the estimate")
     batch_size: int = opt(4, "examples per micro-batch", short="--batch", min=1)
@@ -89,40 +90,22 @@ def run_import(cfg: ModelsImportConfig) -> int:
     return 0
 
 
-def _device_dtype(cfg: ModelsInfoConfig, backend: str, model_config: dict[str, Any]) -> tuple[str | None, int]:
-    device = cfg.device
-    if backend == "torch" and device is None:
-        try:
-            import torch  # lazily; absent on an MLX-only install
-
-            device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-        except ImportError:
-            device = "cpu"
-    sizes = {"float32": 4, "bfloat16": 2, "float16": 2}
-    if cfg.dtype != "auto":
-        return device, sizes[cfg.dtype]
-    if backend == "mlx":
-        return device, sizes.get(str(model_config.get("torch_dtype") or model_config.get("dtype")), 2)
-    return device, 2 if (device or "").startswith("cuda") else 4
-
-
 def model_info(cfg: ModelsInfoConfig) -> dict[str, Any]:
     """Everything ``models info`` shows, as plain data."""
+    from common import backends
     from common.models import memory, resolve_model
     from common.models.catalog import exporter_support, parameter_count, tokenizer_facts
     from common.models.safety import read_json
-    from common.train.backend import choose_backend
 
     resolved = resolve_model(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     model_config = read_json(resolved.path / "config.json")
     n_params, dtypes = parameter_count(resolved.path)
     if model_config.get("quantization") or model_config.get("quantization_config"):
         n_params = memory.Shape.from_config(model_config).parameter_count()  # packed weights: count from shapes
-    backend = choose_backend(cfg.backend)
-    device, dtype_bytes = _device_dtype(cfg, backend, model_config)
-    assessment = memory.assess(model_config, backend=backend, device=device, dtype_bytes=dtype_bytes,
-                               load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r, targets=cfg.targets,
-                               batch_size=cfg.batch_size, seq_len=cfg.max_seq_length,
+    backend = backends.resolve(cfg.backend)
+    plan = backends.device_plan(backend, cfg.device, cfg.dtype)  # what train would run on
+    assessment = memory.assess(model_config, plan=plan, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
+                               targets=cfg.targets, batch_size=cfg.batch_size, seq_len=cfg.max_seq_length,
                                grad_checkpoint=cfg.grad_checkpoint, num_layers=cfg.num_layers)
     exportable, export_note = exporter_support(model_config)
     archs = model_config.get("architectures") or [model_config.get("model_type")]
@@ -131,7 +114,7 @@ def model_info(cfg: ModelsInfoConfig) -> dict[str, Any]:
             "weight_dtypes": dtypes, "vocab_size": model_config.get("vocab_size"),
             "layers": model_config.get("num_hidden_layers"), "hidden_size": model_config.get("hidden_size"),
             "tokenizer": tokenizer_facts(resolved.path), "exportable": exportable, "export": export_note,
-            "backend": backend, "device": device, "memory": assessment}
+            "backend": backend, "device": plan.device, "memory": assessment}
 
 
 def run_info(cfg: ModelsInfoConfig) -> int:

@@ -32,19 +32,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from common.backends import DevicePlan
 from common.errors import UserError
 
 GiB = 1 << 30
 MiB = 1 << 20
 LORA_BYTES_PER_PARAM = 16  # fp32 weight + fp32 grad + Adam m and v
 LOGIT_COPIES = 4  # logits and log-softmax (forward), their gradients (backward): fp32, alive together
-# Runtime footprint before any model: torch + transformers + peft imported is 396 MiB RSS on
-# Linux CPU; a CUDA context and cuBLAS workspace take about 600 MiB of the GPU.
-OVERHEAD = {"torch-cpu": 400 * MiB, "torch-cuda": 600 * MiB, "torch-mps": 400 * MiB, "mlx": 300 * MiB}
-# Resident peak / saved tensors, for activations and logits (temporaries, allocator caching).
-SLACK = {"torch-cpu": 1.9, "torch-cuda": 1.15, "torch-mps": 1.2, "mlx": 1.2}
-NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit + 8-bit absmax per 64 + fp32 per 256 absmax (double quant)
-MLX_Q4_BYTES = 0.5 + 4 / 64  # 4-bit + fp16 scale and bias per group of 64
 
 
 @dataclass
@@ -135,18 +129,11 @@ def _targets(shape: Shape, targets: Sequence[str]) -> dict[str, tuple[int, int]]
     return chosen
 
 
-def _overhead_key(backend: str, device: str | None) -> str:
-    if backend == "mlx":
-        return "mlx"
-    dev = (device or "cpu").split(":")[0]
-    return f"torch-{dev}" if f"torch-{dev}" in OVERHEAD else "torch-cpu"
-
-
-def estimate_training_memory(model_config: dict[str, Any], *, backend: str, dtype_bytes: int, load_in_4bit: bool,
+def estimate_training_memory(model_config: dict[str, Any], *, plan: DevicePlan, load_in_4bit: bool,
                              lora_r: int, targets: Sequence[str], batch_size: int, seq_len: int,
-                             grad_checkpoint: bool, num_layers: int | None = None,
-                             device: str | None = None) -> Estimate:
-    """Peak memory of LoRA training, in bytes, by part (see the module docstring)."""
+                             grad_checkpoint: bool, num_layers: int | None = None) -> Estimate:
+    """Peak memory of LoRA training on ``plan`` (common.backends), in bytes, by part (see the module docstring)."""
+    dtype_bytes = plan.dtype_bytes
     s = Shape.from_config(model_config)
     linears = s.linears()
     linear_params = s.layers * sum(a * b for a, b in linears.values())
@@ -157,10 +144,8 @@ def estimate_training_memory(model_config: dict[str, Any], *, backend: str, dtyp
         embed = s.vocab * s.hidden * (1 if s.tied else 2)
         weights = (linear_params + embed) * per + (other_params - embed) * dtype_bytes
     elif load_in_4bit:
-        per = MLX_Q4_BYTES if backend == "mlx" else NF4_BYTES
-        embed = s.vocab * s.hidden * (1 if s.tied else 2)
-        quantized = linear_params + (embed if backend == "mlx" else 0)
-        weights = quantized * per + (other_params - (embed if backend == "mlx" else 0)) * dtype_bytes
+        embed = s.vocab * s.hidden * (1 if s.tied else 2) if plan.quantizes_embeddings else 0
+        weights = (linear_params + embed) * plan.quant_bytes + (other_params - embed) * dtype_bytes
     else:
         weights = (linear_params + other_params) * dtype_bytes
 
@@ -180,10 +165,8 @@ def estimate_training_memory(model_config: dict[str, Any], *, backend: str, dtyp
     else:
         activations = adapted * layer_bytes
     logits = tokens * s.vocab * 4 * LOGIT_COPIES
-    key = _overhead_key(backend, device)
-    slack = SLACK[key]
-    parts = {"weights": int(weights), "lora+adam": int(lora), "activations": int(activations * slack),
-             "logits": int(logits * slack), "overhead": OVERHEAD[key]}
+    parts = {"weights": int(weights), "lora+adam": int(lora), "activations": int(activations * plan.slack),
+             "logits": int(logits * plan.slack), "overhead": plan.overhead_bytes}
     return Estimate(sum(parts.values()), parts)
 
 
@@ -215,23 +198,15 @@ def _ram_available() -> tuple[int, str]:
         return 0, "memory size unknown"
 
 
-def available_memory(backend: str, device: str | None = None) -> tuple[int, str]:
-    """(bytes available for training, description) for ``backend`` ('mlx' | 'torch') and ``device``."""
-    dev = (device or "").split(":")[0]
-    if backend == "mlx" or dev == "mps" or (sys.platform == "darwin" and dev in ("", "cpu")):
-        if sys.platform == "darwin":
-            total = _sysctl_memsize()
-            if total:
-                usable = int(total * 0.75)  # Metal's recommended working set is about 3/4 of unified memory
-                return usable, f"unified memory {format_bytes(total)} (about 75% usable by the GPU: {format_bytes(usable)})"
-        return _ram_available()
-    if dev == "cuda":
-        import torch  # lazily: only a CUDA user gets here
-
-        index = int(device.split(":")[1]) if device and ":" in device else torch.cuda.current_device()
-        free, total = torch.cuda.mem_get_info(index)
-        name = torch.cuda.get_device_name(index)
-        return int(free), f"{name}: {format_bytes(free)} free of {format_bytes(total)}"
+def available_memory(plan: DevicePlan) -> tuple[int, str]:
+    """(bytes available for training, description) on ``plan``'s device."""
+    if plan.device_memory is not None:  # a discrete GPU, measured by its framework
+        return plan.device_memory
+    if plan.unified_memory and sys.platform == "darwin":
+        total = _sysctl_memsize()
+        if total:
+            usable = int(total * 0.75)  # Metal's recommended working set is about 3/4 of unified memory
+            return usable, f"unified memory {format_bytes(total)} (about 75% usable by the GPU: {format_bytes(usable)})"
     return _ram_available()
 
 
@@ -243,8 +218,8 @@ def _suggestions(model_config: dict[str, Any], kw: dict[str, Any], limit: int) -
     """Single changes (then pairs) that bring the estimate under ``limit``, each with its estimate."""
     s = Shape.from_config(model_config)
     changes: list[tuple[str, dict[str, Any]]] = []
-    if not kw["load_in_4bit"] and (kw["backend"] == "mlx" or (kw.get("device") or "").startswith("cuda")):
-        changes.append(("a 4-bit base (--load-in-4bit)", {"load_in_4bit": True}))  # bitsandbytes needs CUDA
+    if not kw["load_in_4bit"] and kw["plan"].can_quantize:
+        changes.append(("a 4-bit base (--load-in-4bit)", {"load_in_4bit": True}))
     if not kw["grad_checkpoint"]:
         changes.append(("gradient checkpointing (--grad-checkpoint)", {"grad_checkpoint": True}))
     b = kw["batch_size"]
@@ -297,17 +272,16 @@ class Assessment:
         return self.available <= 0 or self.estimate.total_bytes <= self.limit
 
 
-def assess(model_config: dict[str, Any], *, backend: str, device: str | None = None, dtype_bytes: int,
-           load_in_4bit: bool, lora_r: int, targets: Sequence[str], batch_size: int, seq_len: int,
+def assess(model_config: dict[str, Any], *, plan: DevicePlan, load_in_4bit: bool, lora_r: int,
+           targets: Sequence[str], batch_size: int, seq_len: int,
            grad_checkpoint: bool, num_layers: int | None = None, limit_bytes: int | None = None,
            headroom: float = 0.9) -> Assessment:
     """The estimate, what is available, and (when it does not fit) what would; raises nothing."""
-    kw = dict(backend=backend, device=device, dtype_bytes=dtype_bytes, load_in_4bit=load_in_4bit, lora_r=lora_r,
-              targets=list(targets), batch_size=batch_size, seq_len=seq_len, grad_checkpoint=grad_checkpoint,
-              num_layers=num_layers)
+    kw = dict(plan=plan, load_in_4bit=load_in_4bit, lora_r=lora_r, targets=list(targets), batch_size=batch_size,
+              seq_len=seq_len, grad_checkpoint=grad_checkpoint, num_layers=num_layers)
     est = estimate_training_memory(model_config, **kw)
     if limit_bytes is None:
-        available, where = available_memory(backend, device)
+        available, where = available_memory(plan)
     else:
         available, where = limit_bytes, f"limit {format_bytes(limit_bytes)}"
     limit = int(available * headroom)
@@ -317,19 +291,19 @@ def assess(model_config: dict[str, Any], *, backend: str, device: str | None = N
     return result
 
 
-def preflight(model_config: dict[str, Any], *, backend: str, device: str | None = None, dtype_bytes: int,
-              load_in_4bit: bool, lora_r: int, targets: Sequence[str], batch_size: int, seq_len: int,
+def preflight(model_config: dict[str, Any], *, plan: DevicePlan, load_in_4bit: bool, lora_r: int,
+              targets: Sequence[str], batch_size: int, seq_len: int,
               grad_checkpoint: bool, num_layers: int | None = None, limit_bytes: int | None = None,
               headroom: float = 0.9) -> Estimate:
     """Estimate training memory; raise UserError, listing what would fit, if it exceeds what is available.
 
-    Call it before loading any weight. ``backend`` is 'torch' or 'mlx' (resolved, not 'auto');
-    ``device`` a torch device string ('cuda:0', 'cpu', 'mps'; None = cpu); ``seq_len`` the
+    Call it before loading any weight. ``plan`` is the backend's device plan
+    (common.backends.device_plan: device, dtype, overheads); ``seq_len`` the
     longest padded row (or --max-seq-length when packing). ``limit_bytes`` replaces the measured
     availability (tests, or a user's cap); ``headroom`` is the fraction of it the estimate may use.
     An unknown availability never blocks. Returns the estimate when it fits.
     """
-    a = assess(model_config, backend=backend, device=device, dtype_bytes=dtype_bytes, load_in_4bit=load_in_4bit,
+    a = assess(model_config, plan=plan, load_in_4bit=load_in_4bit,
                lora_r=lora_r, targets=targets, batch_size=batch_size, seq_len=seq_len,
                grad_checkpoint=grad_checkpoint, num_layers=num_layers, limit_bytes=limit_bytes, headroom=headroom)
     if a.fits:

@@ -3,34 +3,16 @@
 The loop (common.train.loop) owns data order, schedule, accumulation, evaluation,
 checkpoints and resume; a backend owns tensors: the model, the LoRA layers, the
 optimizer and its state. Everything crossing this boundary is plain Python.
+Backends are listed, and loaded, in :mod:`common.backends`.
 """
 
 from __future__ import annotations
 
-import importlib
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-# On the CPU the torch backend runs a batch's forward and backward in groups of rows of at
-# most this many positions (one row when rows are longer): gradients add up, so the step is
-# the same, and activation memory is that of one group. Measured with SmolLM2-135M on data/
-# (rows of ~100 tokens, batch 4, 2 cores; bench/RESULTS.md): 256 (two rows a pass) runs at
-# 0.91-0.96x the speed of whole batches for ~0.83x the peak RSS; 128 (one row) at 0.71x for 0.65x.
-CPU_TOKENS_PER_PASS = 256
-# ... and recomputes every CPU_RECOMPUTE_EVERY-th transformer layer in backward instead of keeping its
-# activations (gradient checkpointing on 1 layer in 6; on all of them with --grad-checkpoint). Same
-# model and data, 2 cores (bench/RESULTS.md): 1.61 GiB peak RSS instead of 1.68 for 0.82x the speed;
-# 1 layer in 3 gave 1.55 GiB at 0.75x.
-CPU_RECOMPUTE_EVERY = 6
-
-
-def rows_per_pass(rows: int, width: int, device_kind: str) -> int:
-    """How many rows of ``width`` positions the torch backend runs per forward/backward."""
-    if device_kind != "cpu" or rows * width <= CPU_TOKENS_PER_PASS:
-        return rows
-    return max(1, CPU_TOKENS_PER_PASS // max(1, width))
+from common.options import TrainConfig
 
 
 @dataclass
@@ -116,13 +98,13 @@ class BackendInfo:
 class Backend(Protocol):
     name: str
 
-    def setup(self, model_dir: Path, cfg: Any, pad_id: int) -> BackendInfo:
+    def setup(self, model_dir: Path, cfg: TrainConfig, pad_id: int) -> BackendInfo:
         """Load the base model from a Hugging Face directory and attach LoRA.
 
         ``cfg`` is a :class:`common.options.TrainConfig`; a backend reads the model and LoRA
         fields (lora_r, lora_alpha, lora_dropout, targets, num_layers, use_dora, use_rslora,
-        load_in_4bit/8bit, grad_checkpoint, dtype, device, trust_remote_code) and the
-        optimizer's (optim, weight_decay). The framework RNG is seeded with ``cfg.seed``
+        load_in_4bit/8bit, grad_checkpoint, dtype, device, trust_remote_code), the
+        optimizer's (optim, weight_decay) and its own options (torch: attention, kernels, compile). The framework RNG is seeded with ``cfg.seed``
         before the adapter is initialised, so one seed gives one adapter.
         """
 
@@ -162,35 +144,3 @@ class Backend(Protocol):
 
     def peak_memory(self) -> int | None:
         """Peak memory in bytes since setup (device memory on GPUs), or None if unknown."""
-
-
-BACKENDS = {"torch": "torch_ft.backend:TorchBackend", "mlx": "mlx_ft.backend:MLXBackend"}
-
-
-def is_apple_silicon() -> bool:
-    return platform.system() == "Darwin" and platform.machine() == "arm64"
-
-
-def choose_backend(name: str) -> str:
-    """Resolve ``auto``: MLX on Apple Silicon when installed, else torch."""
-    if name != "auto":
-        return name
-    if is_apple_silicon() and importlib.util.find_spec("mlx") is not None:
-        return "mlx"
-    return "torch"
-
-
-def load_backend(name: str) -> Backend:
-    """Import a backend lazily; a missing extra is a clear error."""
-    from common.errors import UserError
-
-    name = choose_backend(name)
-    if name not in BACKENDS:
-        raise UserError(f"unknown backend {name!r}: choose auto, torch or mlx")
-    module_name, cls_name = BACKENDS[name].split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        extra = "mlx" if name == "mlx" else "torch"
-        raise UserError(f"the {name} backend is not installed ({exc.name or exc}): pip install 'llm-ft[{extra}]'") from None
-    return getattr(module, cls_name)()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from common import config
+from common.backends import DevicePlan
 from common.command import main_for, make_parser
 from common.errors import UserError
 from common.io import write_json, write_text
@@ -113,45 +114,17 @@ def prepare(cfg: TrainConfig, console) -> Prepared:
     return Prepared(run_dir, resolved, tokenizer, system_prompt, fp, data)
 
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def _device_and_dtype_bytes(cfg: TrainConfig, backend: str) -> tuple[str | None, int]:
-    """The device training will use and its bytes per weight, before the backend loads anything.
-
-    Mirrors the backends' own choice (torch_ft.device.choose, mlx_ft.model.resolve_dtype).
-    """
-    if backend == "mlx":
-        from common.train.backend import is_apple_silicon
-
-        gpu = is_apple_silicon()
-        return None, DTYPE_BYTES.get(cfg.dtype, 2 if gpu else 4)
-    device = cfg.device
-    if device is None:
-        from torch_ft.device import best_device  # the torch backend is about to import torch anyway
-
-        device = best_device()
-    if cfg.dtype != "auto":
-        return device, DTYPE_BYTES[cfg.dtype]
-    return device, 2 if device.startswith("cuda") else 4
-
-
-def _preflight(cfg: TrainConfig, resolved, longest: int, backend: str, console) -> None:
+def _preflight(cfg: TrainConfig, resolved, longest: int, plan: DevicePlan, console) -> None:
     """Refuse, before loading any weight, a run that would not fit in memory (common.models.memory)."""
     import json
 
     from common.models import memory
-    from common.train.backend import rows_per_pass
 
     model_config = json.loads((Path(resolved.path) / "config.json").read_text(encoding="utf-8"))
-    device, dtype_bytes = _device_and_dtype_bytes(cfg, backend)
     seq_len = cfg.max_seq_length if cfg.packing else longest
-    rows = cfg.batch_size
-    if backend == "torch":  # on the CPU it trains a batch in row groups: activations of one group
-        rows = rows_per_pass(rows, seq_len, device.split(":")[0])
-    est = memory.preflight(model_config, backend=backend, device=device, dtype_bytes=dtype_bytes,
-                           load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r, targets=cfg.targets,
-                           batch_size=rows, seq_len=seq_len,
+    rows = plan.rows_per_pass(cfg.batch_size, seq_len)  # trained in row groups: activations of one group
+    est = memory.preflight(model_config, plan=plan, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
+                           targets=cfg.targets, batch_size=rows, seq_len=seq_len,
                            grad_checkpoint=cfg.grad_checkpoint, num_layers=cfg.num_layers)
     console.print(f"[dim]memory estimate: {est.describe()}[/]")
 
@@ -192,15 +165,15 @@ def run(cfg: TrainConfig, *, console=None) -> int:
     """Train; returns 0, or 130 after a Ctrl-C that left a checkpoint to resume from."""
     from rich.console import Console
 
+    from common import backends
     from common.train import checkpoint as ckpts
-    from common.train.backend import choose_backend, load_backend
     from common.train.identity import run_info
     from common.train.loop import INTERRUPTED, Trainer
     from common.train.metrics import MetricsLog, check_reporters, truncate_after
     from common.train.plot import plot_loss
 
     console = console or Console(stderr=True)
-    backend_name = choose_backend(cfg.backend)
+    backend_name = backends.resolve(cfg.backend)
     check_reporters(cfg.report_to)
     p = prepare(cfg, console)
     cfg = with_default_lr(cfg, p.resolved.path, console)
@@ -213,9 +186,10 @@ def run(cfg: TrainConfig, *, console=None) -> int:
             raise UserError(f"--resume: no checkpoint in {p.run_dir / 'checkpoints'} verifies; "
                             "run without --resume (and another --out) to start over")
         ckpts.check_compatible(resume_from, info_for_resume)
-    _preflight(cfg, p.resolved, max(len(e) for e in p.data.train), backend_name, console)
+    plan = backends.device_plan(backend_name, cfg.device, cfg.dtype)
+    _preflight(cfg, p.resolved, max(len(e) for e in p.data.train), plan, console)
 
-    backend = load_backend(backend_name)
+    backend = backends.load_backend(backend_name)
     info = backend.setup(p.resolved.path, cfg, p.data.pad_id)
     console.print(f"backend {backend_name}: {info.device}, {info.dtype}; LoRA r={cfg.lora_r} alpha={cfg.lora_alpha:g} "
                   f"on {', '.join(info.target_modules)}: {info.trainable_params:,} trainable of "

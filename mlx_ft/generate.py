@@ -1,4 +1,5 @@
-"""The MLX engine: mlx-lm models, with a run's PEFT adapter loaded as MLX LoRA layers (not merged)."""
+"""The MLX backend's inference engine (common.backends): mlx-lm models, with a run's PEFT
+adapter loaded as MLX LoRA layers (not merged)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ class MLXGenerator(Generator):
         self.model, self.tokenizer = model, tokenizer
 
     @classmethod
-    def load(cls, target: Target, *, system_prompt: str | None, chat_template: str | None) -> MLXGenerator:
+    def load(cls, target: Target, *, system_prompt: str | None, chat_template: str | None,
+             device: str | None = None, dtype: str = "auto") -> MLXGenerator:
+        """``device``/``dtype`` place torch engines; MLX generates on its default device, in the weights' dtype."""
         try:
             import mlx.core  # noqa: F401
 

@@ -1,5 +1,6 @@
-"""The transformers + peft engine: a base model with a run's adapter applied (not merged),
-a base model alone, or a merged directory. Batched generation pads on the left."""
+"""The torch backend's inference engine (common.backends), transformers + peft: a base model
+with a run's adapter applied (not merged), a base model alone, or a merged directory.
+Batched generation pads on the left."""
 
 from __future__ import annotations
 
@@ -16,13 +17,9 @@ from common.rows import Example
 def pick_device(device: str | None):
     import torch
 
-    if device:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    from torch_ft.device import best_device
+
+    return torch.device(device or best_device())
 
 
 def pick_dtype(dtype: str, device):
@@ -164,6 +161,27 @@ class TorchGenerator(Generator):
         row = result["out"][0, len(prompt_ids):].tolist()
         self.new_tokens += len(row)
         return self._decode(self._cut(row))
+
+    # -- reference outputs (export verification) ---------------------------------
+
+    def logits(self, ids: list[int]):
+        """fp32 logits at every position of ``ids`` (numpy, [len(ids), vocab])."""
+        import torch
+
+        with torch.no_grad():
+            return self.model(torch.tensor([ids], device=self.device)).logits[0].float().cpu().numpy()
+
+    def greedy_ids(self, ids: list[int], stop_ids: set[int], max_tokens: int) -> tuple[list[int], bool]:
+        """Greedy continuation of ``ids`` as token ids (without the stop token), and whether a stop id ended it."""
+        import torch
+
+        with torch.no_grad():
+            prompt = torch.tensor([ids], device=self.device)
+            out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_tokens,
+                                      do_sample=False, eos_token_id=sorted(stop_ids), pad_token_id=min(stop_ids))
+        new = out[0, len(ids):].tolist()
+        stopped = bool(new) and new[-1] in stop_ids
+        return (new[:-1] if stopped else new), stopped
 
     # -- loss ------------------------------------------------------------------
 
