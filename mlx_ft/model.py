@@ -12,10 +12,12 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from common.archs import ARCHS
 from common.errors import UserError
 from common.train.backend import Batch
 
-GROUPED_MASK_MODELS = ("gemma2", "gear")  # mlx-lm modules whose attention masks 5-D grouped scores
+# mlx-lm modules whose attention masks 5-D grouped scores: the table's, and gear (not exported)
+GROUPED_MASK_MODELS = (*(row.mlx_model for row in ARCHS.values() if row.mlx_grouped_mask), "gear")
 QUANT_GROUP = 64  # MLX's default group size: 64 input features share one scale and bias
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.archs import ARCHS
 from common.errors import UserError
 from common.export.cmd import ExportConfig, run
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
 # The tiny tokenizer's fingerprint is unknown to llama.cpp, so tests name its pre-tokenizer.
 # transformers loads it as Qwen2Tokenizer in a qwen2 model directory, with Qwen2's regex.
 PRE = {"qwen2": "qwen2"}
@@ -81,7 +81,7 @@ def models(tmp_path_factory):
 @pytest.mark.llama
 @pytest.mark.torch
 @pytest.mark.parametrize("quant", ["f32", "f16"])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_arch_exports_and_matches_transformers(models, tmp_path, arch, quant):
     pytest.importorskip("llama_cpp")
     model_dir = models(arch)

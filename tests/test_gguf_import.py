@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.archs import ARCHS
 from common.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,9 +258,12 @@ def test_tiny_tokenizer_ids_equal_llama_cpp(tiny_gguf, home):
         assert tok(text)["input_ids"] == llm.tokenize(text.encode(), add_bos=True, special=True), text
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
+UNTIED = ("llama", "mistral", "phi3")  # rows round-tripped with their own lm_head; the others tied
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_every_supported_architecture_round_trips_through_our_exporter(arch, tmp_path, home):
-    """HF -> GGUF (llm-ft export, F32) -> HF (import): identical logits and token ids."""
+    """HF -> GGUF (llm-ft export, F32) -> HF (import): identical tensors, config and logits, same token ids."""
     # regression: gemma2 failed (llama.cpp has no output tensor for it); phi3's sliding_window 0 became a 0 window
     torch = pytest.importorskip("torch")
     from tiny import make_model
@@ -269,10 +273,21 @@ def test_every_supported_architecture_round_trips_through_our_exporter(arch, tmp
     from common.models import load_tokenizer
     from common.models.gguf_import import import_gguf
 
-    src = make_model(tmp_path / arch, arch, tie=arch not in ("llama", "phi3"))
+    src = make_model(tmp_path / arch, arch, tie=arch not in UNTIED)
     out = tmp_path / f"{arch}.gguf"
     run(ExportConfig(source=str(src), quant="f32", out=str(out), verify=False, pre="gpt-2"))
     imported = import_gguf(out)
+    want, got = _safetensors(src), _safetensors(imported)
+    if "lm_head.weight" not in got:  # tied: the embedding is the output projection
+        want.pop("lm_head.weight", None)
+    assert sorted(got) == sorted(want)
+    for name, value in want.items():  # the inverse transforms undo the forward ones (norm + 1 - 1: to 1 ulp)
+        atol = 2.5e-7 if ARCHS[arch].norm_shift and name.endswith("norm.weight") else 0
+        np.testing.assert_allclose(got[name], value, rtol=0, atol=atol, err_msg=name)
+    src_cfg, imp_cfg = (json.loads((d / "config.json").read_text()) for d in (src, imported))
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "tie_word_embeddings"):
+        assert imp_cfg[key] == src_cfg[key], key
     ids = torch.tensor([[1, 5, 9, 30, 77, 120, 3, 2, 50, 60]])
     with torch.no_grad():
         ours = AutoModelForCausalLM.from_pretrained(imported, dtype=torch.float32)(ids).logits
@@ -281,6 +296,15 @@ def test_every_supported_architecture_round_trips_through_our_exporter(arch, tmp
     a, b = load_tokenizer(imported), load_tokenizer(src)
     for text in PROBES:
         assert a(text)["input_ids"] == b(text)["input_ids"], text
+
+
+def _safetensors(model_dir: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    out: dict[str, np.ndarray] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
 
 
 def _tiny_sentencepiece():

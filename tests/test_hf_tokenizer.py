@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from common.archs import ARCHS
 from common.models import hf_tokenizer, load_tokenizer
 
 pytestmark = pytest.mark.torch  # the reference, transformers' tokenization_auto, imports torch
@@ -95,7 +96,7 @@ def assert_same_tokenizer(model_dir: Path) -> None:
             assert mine.encode(text, add_special_tokens=special) == ref.encode(text, add_special_tokens=special)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_tiny_model_tokenizers_equal_autotokenizers(tmp_path, arch):
     from tiny import make_config, make_tokenizer
 

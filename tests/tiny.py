@@ -49,16 +49,16 @@ def make_tokenizer(out_dir: str | Path, vocab_size: int = 400):
     return fast
 
 
-ARCH_CONFIGS = {
-    "llama": {"architectures": ["LlamaForCausalLM"], "model_type": "llama"},
-    "mistral": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": None},
-    "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"},
-    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 16},
-    "gemma2": {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "head_dim": 16,
-               "query_pre_attn_scalar": 16, "sliding_window": 64},
-    "gemma3": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "head_dim": 16,
-               "query_pre_attn_scalar": 16, "sliding_window": 64},
-    "phi3": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"},
+# The tiny model of each row of common.archs.ARCHS: the config keys it needs besides the
+# row's architectures/model_type and make_config's sizes (tests/test_archs.py: one per row).
+ARCH_CONFIGS: dict[str, dict] = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64},
+    "gemma3": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64},
+    "phi3": {},
 }
 
 
@@ -66,13 +66,14 @@ def make_config(arch: str, tokenizer, *, tie: bool = True, hidden: int = 64, lay
     """The transformers config of a tiny ``arch`` model over ``tokenizer`` (AutoConfig: imports torch)."""
     from transformers import AutoConfig
 
-    spec = dict(ARCH_CONFIGS[arch])
-    model_type = spec.pop("model_type")
+    from common.archs import ARCHS
+
+    row = ARCHS[arch]
     return AutoConfig.for_model(
-        model_type, vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+        row.model_type, architectures=[row.hf_archs[0]], vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         tie_word_embeddings=tie, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-6, **spec)
+        pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-6, **ARCH_CONFIGS[arch])
 
 
 def make_model(out_dir: str | Path, arch: str = "llama", *, seed: int = 0, tie: bool = True,

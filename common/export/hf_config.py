@@ -18,44 +18,21 @@ import json
 from pathlib import Path
 from typing import Any
 
+from common.archs import ARCHS, HParams, hf_defaults
 from common.errors import UserError
 
 # The config keys common/export reads (HParams properties, spec params, rope, extra tensors);
-# tests/test_hf_config.py checks arch.py reads no other.
+# tests/test_hf_config.py checks common/archs reads no other.
 READ_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
              "sliding_window", "layer_types", "query_pre_attn_scalar", "attn_logit_softcapping",
              "final_logit_softcapping", "original_max_position_embeddings", "rope_parameters", "rope_theta")
 
-_LLAMA = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-          "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "max_position_embeddings": 2048,
-          "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
-_QWEN2 = {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
-          "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 32768,
-          "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 4096,
-          "max_window_layers": 28, "layer_types": None}
-_GEMMA2 = {"vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
-           "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 8192,
-           "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "query_pre_attn_scalar": 256, "sliding_window": 4096,
-           "layer_types": None, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}
-# Text model type -> transformers' config class defaults (dataclass fields, transformers 5) of the keys
-# read or used to derive them; tests/test_hf_config.py compares them with the classes.
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": _LLAMA,
-    "mistral": {**_LLAMA, "intermediate_size": 14336, "num_key_value_heads": 8, "max_position_embeddings": 131072,
-                "sliding_window": 4096},
-    "qwen2": _QWEN2,
-    "qwen3": {**_QWEN2, "head_dim": 128},
-    "gemma2": _GEMMA2,
-    "gemma3_text": {**_GEMMA2, "vocab_size": 262208, "max_position_embeddings": 131072,
-                    "final_logit_softcapping": None, "attn_logit_softcapping": None,
-                    "use_bidirectional_attention": False},
-    "phi3": {"vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
-             "num_attention_heads": 32, "num_key_value_heads": None, "max_position_embeddings": 4096,
-             "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-             "sliding_window": None},
-}
-COMPOSITE = {"gemma3": ("text_config", "gemma3_text", True)}  # model type -> (text key, text type, tie default)
+# Text model type -> transformers' config class defaults, from the architecture table's rows.
+DEFAULTS: dict[str, dict[str, Any]] = hf_defaults()
+# model type -> (text key, text type, tie default) of the multimodal configs holding a text one
+COMPOSITE = {row.composite[0]: (row.composite[1], row.model_type, row.composite[2])
+             for row in ARCHS.values() if row.composite}
 # Keys under which get_text_config() would find a nested text config: not a plain text config, so AutoConfig.
 _NESTED = ("text_config", "decoder", "generator", "text_encoder")
 _LEGACY_LAYER_TYPES = {"attention": "full_attention", "mamba": "linear_attention"}  # configuration_utils' remap
@@ -75,8 +52,6 @@ _DIVISIBLE_HEADS = ("llama", "gemma2", "gemma3_text")  # their validate_architec
 def read_hparams(model_dir: str | Path):
     """The :class:`HParams` of ``model_dir/config.json``, or None when its model type is not in
     :data:`DEFAULTS` (nor a composite of one) or the file cannot be parsed: AutoConfig then decides."""
-    from common.export.arch import HParams
-
     path = Path(model_dir) / "config.json"
     try:
         top = json.loads(path.read_text(encoding="utf-8"))

@@ -10,10 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from common.archs import ARCHS, by_hf_arch
 from common.models.gguf_import import IMPORT_RECORD, models_home
 from common.models.safety import read_json
-
-EXPORTABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 
 
 def dir_size(path: Path) -> int:
@@ -97,13 +96,7 @@ def tokenizer_facts(model_dir: Path) -> dict[str, Any]:
 def exporter_support(config: dict[str, Any]) -> tuple[bool, str]:
     """Whether `llm-ft export` can write this architecture to GGUF."""
     arch = _architecture(config)
-    try:
-        from common.export.arch import ARCHS
-
-        for spec in ARCHS.values():
-            if arch in spec.hf_archs:
-                return True, f"yes (GGUF architecture {spec.gguf_name})"
-        return False, f"no: {arch} is not in the exporter's table ({', '.join(ARCHS)})"
-    except ImportError:
-        known = str(config.get("model_type", "")).removesuffix("_text") in EXPORTABLE
-        return known, "yes" if known else f"no (supported: {', '.join(EXPORTABLE)})"
+    spec = by_hf_arch(arch)
+    if spec is not None:
+        return True, f"yes (GGUF architecture {spec.gguf_name})"
+    return False, f"no: {arch} is not in the exporter's table ({', '.join(ARCHS)})"

@@ -32,11 +32,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from common.archs import ARCHS, ArchSpec, by_model_type
 from common.backends import DevicePlan
 from common.errors import UserError
 
 GiB = 1 << 30
 MiB = 1 << 20
+_PLAIN = ARCHS["llama"]  # the layout assumed for a model type the table lacks
 LORA_BYTES_PER_PARAM = 16  # fp32 weight + fp32 grad + Adam m and v
 LOGIT_COPIES = 4  # logits and log-softmax (forward), their gradients (backward): fp32, alive together
 
@@ -89,8 +91,13 @@ class Shape:
             raise UserError(f"config.json: cannot estimate memory: missing or invalid {exc}") from None
 
     @property
+    def arch(self) -> ArchSpec:
+        """The table's row for this model type; an unknown type counts as a plain llama layout."""
+        return by_model_type(self.model_type) or _PLAIN
+
+    @property
     def fused(self) -> bool:  # phi3: qkv_proj and gate_up_proj
-        return self.model_type == "phi3"
+        return self.arch.fused
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """Per-layer linear modules: name -> (in_features, out_features)."""
@@ -102,11 +109,11 @@ class Shape:
 
     def parameter_count(self) -> int:
         """Parameters of the whole model, from its shape (matches the safetensors of supported families)."""
-        norms = 4 if self.model_type.startswith(("gemma2", "gemma3")) else 2  # Gemma: pre and post norms
+        norms = 4 if self.arch.sandwich_norms else 2  # Gemma: pre and post norms
         per_layer = sum(a * b for a, b in self.linears().values()) + norms * self.hidden
-        if self.model_type in ("qwen3", "gemma3", "gemma3_text"):
+        if self.arch.qk_norm:
             per_layer += 2 * self.head_dim  # q_norm and k_norm
-        if self.model_type == "qwen2":
+        if self.arch.qkv_bias:
             per_layer += self.q_dim + 2 * self.kv_dim  # q/k/v biases
         elif self.attention_bias:
             per_layer += 2 * self.q_dim + 2 * self.kv_dim if not self.fused else 0
