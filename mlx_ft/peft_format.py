@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from common.errors import UserError
 from common.peft import (
     AdapterModule,
     config_for_modules,
@@ -22,7 +23,6 @@ from common.peft import (
     read_peft_adapter,
     write_peft_adapter,
 )
-from common.errors import UserError
 from mlx_ft.lora import DoRALinear, attach_modules, detach, lora_layers
 
 

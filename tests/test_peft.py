@@ -11,14 +11,14 @@ from common import peft
 from common.errors import UserError
 
 
-def write_adapter(d: Path, *, r: int = 4, hidden: int = 64, layers: int = 2, targets=("q_proj", "v_proj"),
+def write_adapter(d: Path, *, rank: int = 4, hidden: int = 64, layers: int = 2, targets=("q_proj", "v_proj"),
                   dora: bool = False, alpha: float = 8.0, **config_changes) -> Path:
     """A PEFT adapter for the tiny llama (hidden 64, 2 layers) written by common.peft itself."""
     rng = np.random.default_rng(0)
     modules = {f"model.layers.{i}.self_attn.{t}": peft.AdapterModule(
-        a=rng.standard_normal((r, hidden), dtype=np.float32) * 0.1,
-        b=rng.standard_normal((hidden, r), dtype=np.float32) * 0.1,
-        magnitude=(1 + rng.random(hidden, dtype=np.float32)) if dora else None, scale=alpha / r, alpha=alpha)
+        a=rng.standard_normal((rank, hidden), dtype=np.float32) * 0.1,
+        b=rng.standard_normal((hidden, rank), dtype=np.float32) * 0.1,
+        magnitude=(1 + rng.random(hidden, dtype=np.float32)) if dora else None, scale=alpha / rank, alpha=alpha)
         for i in range(layers) for t in targets}
     config = peft.config_for_modules(modules, base_model="tiny")
     config.update(config_changes)
