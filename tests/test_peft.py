@@ -11,9 +11,9 @@ from common import peft
 from common.errors import UserError
 
 
-def write_adapter(d: Path, *, rank: int = 4, hidden: int = 64, layers: int = 2, targets=("q_proj", "v_proj"),
+def write_adapter(d: Path, *, rank: int = 4, hidden: int = 64, layers: int = 2, targets=("q_proj", "o_proj"),
                   dora: bool = False, alpha: float = 8.0, **config_changes) -> Path:
-    """A PEFT adapter for the tiny llama (hidden 64, 2 layers) written by common.peft itself."""
+    """A PEFT adapter that fits the tiny llama (hidden 64, 2 layers; v_proj is 64 -> 32), written by common.peft."""
     rng = np.random.default_rng(0)
     modules = {f"model.layers.{i}.self_attn.{t}": peft.AdapterModule(
         a=rng.standard_normal((rank, hidden), dtype=np.float32) * 0.1,
@@ -28,10 +28,10 @@ def write_adapter(d: Path, *, rank: int = 4, hidden: int = 64, layers: int = 2, 
 def test_written_adapter_reads_back(tmp_path):
     d = write_adapter(tmp_path / "a")
     adapter = peft.load_adapter(d)
-    assert sorted(adapter.deltas) == [f"model.layers.{i}.self_attn.{t}_proj.weight" for i in (0, 1) for t in "qv"]
+    assert sorted(adapter.deltas) == [f"model.layers.{i}.self_attn.{t}_proj.weight" for i in (0, 1) for t in "oq"]
     assert all(x.rank == 4 and x.scaling == 2.0 for x in adapter.deltas.values())
     modules = adapter.modules()
-    assert modules["model.layers.1.self_attn.v_proj"].a.shape == (4, 64) and modules["model.layers.1.self_attn.v_proj"].scale == 2.0
+    assert modules["model.layers.1.self_attn.o_proj"].a.shape == (4, 64) and modules["model.layers.1.self_attn.o_proj"].scale == 2.0
     rs = peft.load_adapter(write_adapter(tmp_path / "rs", use_rslora=True))
     assert next(iter(rs.deltas.values())).scaling == pytest.approx(8.0 / math.sqrt(4))
 
@@ -58,7 +58,7 @@ def test_consumers_refuse_what_they_cannot_apply(tmp_path):
 
     dora = peft.load_adapter(write_adapter(tmp_path / "dora", dora=True))
     assert dora.use_dora and all(x.magnitude for x in dora.deltas.values())
-    with pytest.raises(UserError, match=r"DoRA: base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_magnitude_vector"):
+    with pytest.raises(UserError, match=r"DoRA: base_model\.model\.model\.layers\.0\.self_attn\.o_proj\.lora_magnitude_vector"):
         _refuse_unsupported(dora)
     conv1d = peft.load_adapter(write_adapter(tmp_path / "conv", fan_in_fan_out=True))  # merge applies it
     with pytest.raises(UserError, match="Conv1D layout"):
@@ -94,19 +94,26 @@ def _tree(root: Path) -> dict[str, bytes | None]:
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
 
 
+# Arguments that get each command past its other checks on the tiny run, to where it reads the adapter.
+COMMANDS = {"eval": ["--data", "t.jsonl"], "merge": [], "export": ["--pre", "gpt-2", "--no-verify"],
+            "export-adapter-only": ["--pre", "gpt-2", "--no-verify", "--adapter-only"]}
+
+
 @pytest.mark.torch
-@pytest.mark.parametrize("command", ["eval", "merge", "export"])
+@pytest.mark.parametrize("command", list(COMMANDS))
 @pytest.mark.parametrize("broken", ["weights", "config"])
 def test_broken_adapter_is_one_error_line_and_nothing_written(tiny_run, tmp_path, monkeypatch, capsys, command, broken):
-    # guards against: `cannot reshape array of size 290 into shape (64,16)` / JSONDecodeError tracebacks, and
-    # export leaving an empty export/ folder behind
+    # guards against: `cannot reshape array of size 231 into shape (64,4)`, SafetensorError and JSONDecodeError
+    # tracebacks, and export leaving an empty RUN/export/ folder behind
     from common.cli import main
 
     f = tiny_run / "adapter" / (peft.WEIGHTS if broken == "weights" else peft.CONFIG)
     f.write_bytes(f.read_bytes()[: -100 if broken == "weights" else 30])
+    (tmp_path / "t.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                               {"role": "assistant", "content": "yo"}]}) + "\n")
     monkeypatch.chdir(tmp_path)
     before = _tree(tmp_path)
-    assert main([command, str(tiny_run)]) == 2
+    assert main([command.split("-")[0], str(tiny_run), *COMMANDS[command]]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(f) in errors[0], err
