@@ -135,22 +135,29 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def _positive(x: Any, integer: bool = False) -> bool:
+    ok = not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+    return ok and (not integer or x == int(x))
+
+
 def check_config(config: dict, source: Path) -> None:
     """The config half of the acceptance rule: plain LoRA, with well-typed keys."""
     problems = []
     if config.get("peft_type", "LORA") != "LORA":
         problems.append(f"peft_type: {config.get('peft_type')!r} (only LORA adapters, incl. DoRA/rsLoRA)")
     r, alpha = config.get("r"), config.get("lora_alpha")
-    if isinstance(r, bool) or not isinstance(r, (int, float)) or r != int(r) or r < 1:
+    if not _positive(r, integer=True):
         problems.append(f"r: {r!r} (needs a positive integer)")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+    if not _positive(alpha):
         problems.append(f"lora_alpha: {alpha!r} (needs a positive number)")
     for key in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode"):
         if config.get(key) not in (None, True, False):
             problems.append(f"{key}: {config[key]!r} (needs true or false)")
     for key in ("rank_pattern", "alpha_pattern"):
-        if config.get(key) is not None and not isinstance(config[key], dict):
-            problems.append(f"{key}: {config[key]!r} (needs an object)")
+        pattern = config.get(key)
+        if pattern is not None and not (isinstance(pattern, dict) and
+                                        all(_positive(v, integer=key == "rank_pattern") for v in pattern.values())):
+            problems.append(f"{key}: {pattern!r} (needs an object of module name -> positive number)")
     tm = config.get("target_modules")
     if tm is not None and not isinstance(tm, str) and not (isinstance(tm, list) and all(isinstance(t, str) for t in tm)):
         problems.append(f"target_modules: {tm!r} (needs a list of names or a regex)")

@@ -40,6 +40,8 @@ def test_written_adapter_reads_back(tmp_path):
     ({"peft_type": "IA3"}, "peft_type: 'IA3'"),
     ({"r": 8}, "rank 4, but adapter_config.json gives r = 8"),
     ({"lora_alpha": -3}, "lora_alpha: -3"),
+    ({"r": float("nan")}, "r: nan"),
+    ({"alpha_pattern": {"q_proj": "x"}}, "alpha_pattern: {'q_proj': 'x'}"),
     ({"use_dora": True}, "use_dora is true but lora_magnitude_vector is missing"),
     ({"use_dora": "yes"}, "use_dora: 'yes' (needs true or false)"),
     ({"target_modules": ["k_proj"]}, "is not among target_modules"),
