@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
+from common.peft import WEIGHTS
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -40,8 +41,8 @@ class RunDir:
             raise UserError(f"{p}: run directory not found")
         if not (p / "config.json").exists():
             raise UserError(f"{p}: not a run directory (no config.json)")
-        if not (p / "adapter" / "adapter_model.safetensors").exists():
-            raise UserError(f"{p}: run has no adapter yet (adapter/adapter_model.safetensors missing)")
+        if not (p / "adapter" / WEIGHTS).exists():
+            raise UserError(f"{p}: run has no adapter yet (adapter/{WEIGHTS} missing)")
         return cls(p)
 
     @property

@@ -1,7 +1,8 @@
 """``llm-ft models import-adapter DIR``: an mlx-lm adapter directory -> a PEFT adapter.
 
 The command's config and body live in :mod:`common.adapters` (numpy and safetensors
-only: neither mlx nor torch is imported, so it runs on any machine);
+only: neither mlx nor torch is imported, so it runs on any machine), which writes
+through :mod:`common.peft`;
 ``common/models/cmd.py`` lists it among the ``models`` actions. This module is the
 entry point named for the MLX side.
 """

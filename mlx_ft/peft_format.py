@@ -1,9 +1,9 @@
-"""MLX LoRA layers <-> PEFT adapters (``adapter_model.safetensors`` + ``adapter_config.json``).
+"""MLX LoRA layers <-> PEFT adapters, read and written through :mod:`common.peft`.
 
 mlx-lm keeps ``lora_a`` as (in, r) and ``lora_b`` as (r, out); PEFT's ``lora_A.weight`` is
 (r, in) and ``lora_B.weight`` (out, r): both transpose on the way. Module paths are the
 same on both sides (mlx-lm loads Hugging Face weight names), so the PEFT key of
-``model.layers.3.self_attn.q_proj`` is ``base_model.model.model.layers.3.self_attn.q_proj...``.
+``model.layers.3.self_attn.q_proj`` is ``common.peft.PREFIX + "model.layers.3.self_attn.q_proj..."``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from common.adapters import (
+from common.errors import UserError
+from common.peft import (
     AdapterModule,
     config_for_modules,
     peft_config,
@@ -22,7 +23,6 @@ from common.adapters import (
     read_peft_adapter,
     write_peft_adapter,
 )
-from common.errors import UserError
 from mlx_ft.lora import DoRALinear, attach_modules, detach, lora_layers
 
 

@@ -14,6 +14,7 @@ import torch
 
 from common.errors import UserError
 from common.options import TrainConfig
+from common.peft import CONFIG, WEIGHTS
 from common.train.backend import BackendInfo, Batch, StepStats
 from torch_ft import attention, kernels, lora_forward
 from torch_ft import device as devices
@@ -27,8 +28,6 @@ from torch_ft.optim import make_optimizer
 # a few thousand): every new length is new matmul shapes and allocator sizes, and host time per
 # kernel launch is what bounds a LoRA step of a small model.
 FLAT_MULTIPLE = 256
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 class TorchBackend:
@@ -178,7 +177,7 @@ class TorchBackend:
         bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
         if bad:
             raise ValueError(f"refusing to save non-finite adapter weights: {', '.join(bad[:5])}")
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(out_dir / ADAPTER_WEIGHTS),
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(out_dir / WEIGHTS),
                   metadata={"format": "pt"})
         config = copy.deepcopy(self.model.peft_config["default"])
         config.base_model_name_or_path = str(base_model)
@@ -190,7 +189,7 @@ class TorchBackend:
         from safetensors.torch import load_file
 
         adapter_dir = Path(adapter_dir)
-        wfile, cfile = adapter_dir / ADAPTER_WEIGHTS, adapter_dir / ADAPTER_CONFIG
+        wfile, cfile = adapter_dir / WEIGHTS, adapter_dir / CONFIG
         for f in (wfile, cfile):
             if not f.exists():
                 raise UserError(f"{f}: adapter file missing")

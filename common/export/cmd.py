@@ -127,14 +127,17 @@ def run(cfg: ExportConfig) -> ExportResult:
     from common.export.arch import load_hparams, spec_for
     from common.export.gguf_file import default_quant, n_params, start_tensors, write_gguf
     from common.export.lora_gguf import scaling_note, write_lora_gguf
-    from common.export.merge import load_adapter, open_merged
+    from common.export.merge import open_merged
+    from common.peft import load_adapter
 
     src = resolve_source(cfg.source)
+    # The adapter is validated before anything is created: a truncated one left an empty export/ behind.
+    adapter = load_adapter(src.adapter_dir) if src.adapter_dir else None
     name = cfg.name or src.name
     notes: list[str] = []
     hp = load_hparams(src.base_dir)
     spec = spec_for(hp)
-    merged = open_merged(src.base_dir, None if cfg.adapter_only else src.adapter_dir)
+    merged = open_merged(src.base_dir, None if cfg.adapter_only else adapter)
     if cfg.quant:
         quant = cfg.quant
     else:
@@ -142,10 +145,9 @@ def run(cfg: ExportConfig) -> ExportResult:
         print(f"quant: {reason}")
     gguf_path, adapter_path = _paths(cfg, src, quant)
     # Merging and quantizing start here, on worker threads, and run beside the loading of the
-    # adapter and the tokenizer below (about a second of single-threaded Python).
+    # tokenizer below (about a second of single-threaded Python).
     tensors = start_tensors(merged, hp, spec, quant)
     try:
-        adapter = load_adapter(src.adapter_dir) if src.adapter_dir else None
         vocab, formatter = _vocab_and_formatter(cfg, src, spec, merged, notes)
         result_gguf = write_gguf(merged, hp, spec, vocab, gguf_path, quant, name=name, tensors=tensors)
     finally:

@@ -22,10 +22,8 @@ import numpy as np
 from common.errors import UserError
 from common.export.arch import ArchSpec, HParams, permute_rows
 from common.export.gguf_file import write_error
-from common.export.merge import Adapter
 from common.io import atomic_path
-
-PREFIX = "base_model.model."
+from common.peft import Adapter
 
 
 @dataclass
@@ -39,21 +37,9 @@ class LoraPlan:
 
 
 def _refuse_unsupported(adapter: Adapter) -> None:
-    problems = []
-    if adapter.use_dora:
-        problems.append("DoRA (use_dora): llama.cpp adapters have no magnitude vector")
-    if adapter.replacements:
-        problems.append(f"modules_to_save: {', '.join(sorted(adapter.replacements))}")
-    for d in adapter.deltas.values():
-        if d.embedding:
-            problems.append(f"embedding LoRA on {d.module}")
-        if d.B_bias is not None:
-            problems.append(f"LoRA bias on {d.module}")
-    if adapter.fan_in_fan_out:
-        problems.append("fan_in_fan_out adapters")
-    if problems:
-        raise UserError(f"{adapter.path}: this adapter cannot be written as a GGUF LoRA adapter; "
-                        "export the merged model instead (drop --adapter-only)", problems)
+    adapter.refuse(("dora", "modules_to_save", "embedding", "bias", "fan_in_fan_out"), "a GGUF LoRA adapter",
+                   " (llama.cpp adapters hold lora_a/lora_b of linear layers only); export the merged model "
+                   "instead (drop --adapter-only)")
 
 
 def alpha_for_gguf(adapter: Adapter) -> tuple[float, dict[str, float]]:
@@ -63,7 +49,7 @@ def alpha_for_gguf(adapter: Adapter) -> tuple[float, dict[str, float]]:
     scaling s at its own rank, alpha = s * r works only if the ranks agree too. Otherwise
     alpha is written as 0 (llama.cpp then applies no alpha/r) and each lora_b carries s.
     """
-    ranks = {adapter.file.tensors[d.A].shape[0] for d in adapter.deltas.values()}  # type: ignore[index]
+    ranks = {d.rank for d in adapter.deltas.values()}
     scalings = {round(d.scaling, 12) for d in adapter.deltas.values()}
     if len(ranks) == 1 and len(scalings) == 1:
         (r,), (s,) = ranks, scalings
@@ -132,6 +118,6 @@ def scaling_note(adapter: Adapter) -> str:
     alpha, folded = alpha_for_gguf(adapter)
     if folded:
         return "per-module scaling folded into lora_b (adapter.lora.alpha = 0)"
-    r = adapter.file.tensors[next(iter(adapter.deltas.values())).A].shape[0]  # type: ignore[index]
-    kind = "rsLoRA alpha/sqrt(r)" if adapter.config.get("use_rslora") else "alpha/r"
+    r = next(iter(adapter.deltas.values())).rank
+    kind = "rsLoRA alpha/sqrt(r)" if adapter.use_rslora else "alpha/r"
     return f"scale {kind} = {alpha / r:g}, written as adapter.lora.alpha = {alpha:g} with r = {r}"

@@ -7,147 +7,28 @@ adapter ``A`` (r, in), ``B`` (out, r) and scaling ``s`` (``alpha / r``, or
     LoRA:  W' = W + s * B @ A
     DoRA:  W' = m / ||W + s * B @ A||_row * (W + s * B @ A)   (norm over inputs, per output row; as peft)
 
-Rows are processed in chunks, so the peak extra memory is about one tensor. Keys
-follow PEFT's saved layout: ``base_model.model.<module>.lora_A.weight``,
-``...lora_B.weight`` (``.bias`` with lora_bias), ``...lora_magnitude_vector`` (DoRA),
-``...lora_embedding_A/B`` (embeddings), and whole tensors for ``modules_to_save``.
+Rows are processed in chunks, so the peak extra memory is about one tensor. The adapter
+is read, validated and indexed by :mod:`common.peft` (LoRA, rsLoRA, DoRA, lora_bias,
+embedding LoRA, Conv1D ``fan_in_fan_out`` layouts and ``modules_to_save`` all merge).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from common.errors import UserError
-from common.export.st_io import SafeTensorsFile, SafeTensorsModel, TensorInfo, iter_chunks, to_float32
+from common.export.st_io import SafeTensorsModel, TensorInfo, iter_chunks, to_float32
+from common.peft import Adapter, ModuleDelta, load_adapter
 
-PREFIX = "base_model.model."
+__all__ = ["Adapter", "MergedModel", "ModuleDelta", "load_adapter", "open_merged"]
+
 # Tensors the base checkpoint may carry that are never weights of the model.
 SKIP_SUFFIXES = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
 RowSelection = slice | np.ndarray  # rows of a tensor: a range, or row indices (a permutation)
-
-
-@dataclass
-class ModuleDelta:
-    """The adapter's parts for one base module (``model.layers.0.self_attn.q_proj``)."""
-
-    module: str
-    A: str | None = None  # adapter tensor names
-    B: str | None = None
-    B_bias: str | None = None
-    magnitude: str | None = None
-    embedding: bool = False  # lora_embedding_A/B: delta = (B @ A).T
-    scaling: float = 1.0
-
-
-@dataclass
-class Adapter:
-    """A PEFT LoRA adapter directory, read lazily."""
-
-    path: Path
-    config: dict
-    file: SafeTensorsFile
-    deltas: dict[str, ModuleDelta] = field(default_factory=dict)  # base weight name -> delta
-    replacements: dict[str, str] = field(default_factory=dict)  # base tensor name -> adapter tensor (modules_to_save)
-
-    @property
-    def use_dora(self) -> bool:
-        return bool(self.config.get("use_dora"))
-
-    @property
-    def fan_in_fan_out(self) -> bool:
-        return bool(self.config.get("fan_in_fan_out"))
-
-    @property
-    def alpha(self) -> float:
-        return float(self.config.get("lora_alpha", 8))
-
-    @property
-    def rank(self) -> int:
-        return int(self.config.get("r", 8))
-
-
-def _pattern_value(patterns: dict, module: str, default):
-    """peft's rank_pattern/alpha_pattern: a key matches a module name suffix (or regex)."""
-    for key, value in (patterns or {}).items():
-        if module == key or module.endswith("." + key) or re.fullmatch(rf"(.*\.)?{key}", module):
-            return value
-    return default
-
-
-def scaling_for(config: dict, module: str, rank: int) -> float:
-    """LoRA scaling of one module: alpha/r, or alpha/sqrt(r) with use_rslora."""
-    alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8)))
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-
-
-def load_adapter(adapter_dir: str | Path) -> Adapter:
-    """Read ``adapter_config.json`` and index ``adapter_model.safetensors`` by base module."""
-    d = Path(adapter_dir)
-    cfg_path, weights = d / "adapter_config.json", d / "adapter_model.safetensors"
-    if not cfg_path.exists() or not weights.exists():
-        raise UserError(f"{d}: not a PEFT adapter (need adapter_config.json and adapter_model.safetensors)")
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{cfg_path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-    if config.get("peft_type", "LORA") != "LORA":
-        raise UserError(f"{cfg_path}: peft_type {config.get('peft_type')!r} cannot be merged (only LORA/DoRA)")
-    for unsupported in ("use_qalora", "use_bdlora"):
-        if config.get(unsupported):
-            raise UserError(f"{cfg_path}: {unsupported} adapters cannot be merged")
-    f = SafeTensorsFile(weights)
-    adapter = Adapter(d, config, f)
-    problems = []
-    by_module: dict[str, ModuleDelta] = {}
-    for key in f.keys():
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.(weight|bias)", name)
-        e = re.fullmatch(r"(.+)\.(lora_embedding_A|lora_embedding_B)", name)
-        g = re.fullmatch(r"(.+)\.lora_magnitude_vector(?:\.weight)?", name)
-        if m:
-            delta = by_module.setdefault(m.group(1), ModuleDelta(m.group(1)))
-            if m.group(3) == "bias":
-                if m.group(2) != "lora_B":
-                    problems.append(f"{weights}: {key}: unexpected LoRA A bias")
-                delta.B_bias = key
-            else:
-                setattr(delta, "A" if m.group(2) == "lora_A" else "B", key)
-        elif e:
-            delta = by_module.setdefault(e.group(1), ModuleDelta(e.group(1), embedding=True))
-            delta.embedding = True
-            setattr(delta, "A" if e.group(2).endswith("A") else "B", key)
-        elif g:
-            by_module.setdefault(g.group(1), ModuleDelta(g.group(1))).magnitude = key
-        elif ".base_layer." in name:
-            continue  # peft saves the base embedding beside an embedding LoRA; the base dir is the truth
-        elif "lora_" in name:
-            problems.append(f"{weights}: {key}: unknown LoRA tensor kind")
-        else:  # modules_to_save: a whole replacement tensor
-            target = name.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
-            adapter.replacements[target] = key
-    for module, delta in by_module.items():
-        if delta.A is None or delta.B is None:
-            problems.append(f"{weights}: module {module!r} has {'lora_A' if delta.A else 'lora_B'} only")
-            continue
-        rank = f.tensors[delta.A].shape[0]
-        delta.scaling = scaling_for(config, module, rank)
-        if delta.magnitude is not None and not config.get("use_dora"):
-            problems.append(f"{weights}: {module}: DoRA magnitude present but use_dora is false")
-        if delta.embedding and delta.magnitude is not None:
-            problems.append(f"{weights}: {module}: DoRA on an embedding cannot be merged here; train it as plain LoRA")
-        if config.get("use_dora") and delta.magnitude is None and not delta.embedding:
-            problems.append(f"{weights}: {module}: use_dora is true but lora_magnitude_vector is missing")
-        adapter.deltas[f"{module}.weight"] = delta
-    if problems:
-        raise UserError(f"{d}: cannot read the adapter", problems)
-    return adapter
 
 
 class MergedModel:
@@ -346,6 +227,8 @@ class MergedModel:
             yield name, self.float32(name)
 
 
-def open_merged(base_dir: str | Path, adapter_dir: str | Path | None) -> MergedModel:
-    """The base model at ``base_dir`` with the adapter at ``adapter_dir`` (or none) applied."""
-    return MergedModel(base_dir, load_adapter(adapter_dir) if adapter_dir else None)
+def open_merged(base_dir: str | Path, adapter: str | Path | Adapter | None) -> MergedModel:
+    """The base model at ``base_dir`` with ``adapter`` (a loaded one, a directory, or none) applied."""
+    if adapter is not None and not isinstance(adapter, Adapter):
+        adapter = load_adapter(adapter)
+    return MergedModel(base_dir, adapter)

@@ -66,6 +66,7 @@ def _looks_like_run(d: Path) -> bool:
 
 def resolve_target(spec: str, *, tokenizer: str | None = None) -> Target:
     """Say what ``spec`` is: a ``.gguf`` file, a run directory, or a model spec."""
+    from common.peft import load_adapter
     from common.run_dir import RunDir, is_run_dir
 
     p = Path(spec).expanduser()
@@ -94,6 +95,7 @@ def resolve_target(spec: str, *, tokenizer: str | None = None) -> Target:
         return t
     if is_run_dir(p):
         run = RunDir.open(p)
+        load_adapter(run.adapter_dir)  # one clean error for a broken adapter, before any model loads
         return Target(spec, "run", run.path.resolve().name, model_dir=run.base_model(), adapter_dir=run.adapter_dir,
                       run_dir=run.path, system_prompt=_normalise_prompt(run.system_prompt()),
                       chat_template=run.chat_template_override(), backend=run.config().get("backend"))
