@@ -181,6 +181,15 @@ class Staging:
         os.replace(self.dir, old)
         return old
 
+    def about_final(self, exc: UserError) -> UserError:
+        """``exc`` reworded to name the published file it was building, not the staging folder."""
+        if str(self.dir) not in exc.message:
+            return exc
+        name = exc.message.split(str(self.dir) + os.sep, 1)[-1].split(":", 1)[0]
+        kept = "the existing file is unchanged" if (self.final_dir / name).exists() else "nothing was written"
+        message = exc.message.replace(str(self.dir), str(self.final_dir)).replace("nothing was written", kept)
+        return UserError(message, exc.problems)
+
     def discard(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
         if self.created:
@@ -224,10 +233,14 @@ def run(cfg: ExportConfig) -> ExportResult:
             published = report is None or report.passed or cfg.force
             if published:
                 stage.publish()
+                modelfile = gguf_path.with_name(modelfile.name)
             else:
                 kept = stage.keep_failed()
                 gguf_path, modelfile = kept / gguf_path.name, kept / modelfile.name
                 adapter_path = kept / adapter_path.name if adapter_path else None
+        except UserError as exc:
+            stage.discard()
+            raise stage.about_final(exc) from None
         except BaseException:
             stage.discard()
             raise
