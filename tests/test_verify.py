@@ -28,7 +28,8 @@ def test_wrong_pre_tokenizer_is_caught(run_dir, tmp_path):
     code = main([str(run_dir), "--quant", "f32", "--out", str(out), "--pre", "llama-bpe", "--verify-prompts", "1",
                  "--max-new-tokens", "2"])
     assert code == 1
-    report = json.loads((tmp_path / "verify.json").read_text())
+    assert not out.exists()  # nothing published: the failed export is kept beside for inspection
+    report = json.loads((tmp_path / "m.failed" / "verify.json").read_text())
     assert report["passed"] is False
     assert any("0123456789" in m["text"] for m in report["tokens"]["mismatches"])
 

@@ -5,13 +5,23 @@ copy on disk) and written as one GGUF; with ``--adapter-only`` the base and the 
 are written as two GGUFs for Ollama's ``ADAPTER``. Outputs (default ``RUN/export/``):
 ``model-<quant>.gguf`` (or ``base-<quant>.gguf`` + ``adapter.gguf``), ``Modelfile``,
 ``verify.json``.
+
+Everything is written into a staging folder beside the outputs and published (each file
+renamed over the previous one) only once verification passed, or with ``--no-verify`` /
+``--force``. A failed verification keeps its export in ``<name>.failed/`` for inspection and
+leaves the published files as they were.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
 import subprocess
+import sys
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +53,8 @@ class ExportConfig:
                                    "whose fingerprint llama.cpp does not know; verification then checks the token ids")
     verify_prompts: int = opt(8, "held-out prompts for the greedy-answer check", min=1)
     max_new_tokens: int = opt(64, "token limit for each greedy answer in verification", min=1)
+    force: bool = opt(False, "publish the export even when verification fails, and replace a Modelfile "
+                             "beside --out that llm-ft did not write")
 
 
 @dataclass
@@ -66,6 +78,7 @@ class ExportResult:
     adapter_gguf: Path | None = None
     report: Any = None  # VerifyReport or None
     notes: list[str] = field(default_factory=list)
+    published: bool = True  # False: verification failed and the files above are in the .failed folder
 
     @property
     def ok(self) -> bool:
@@ -122,11 +135,72 @@ def _paths(cfg: ExportConfig, src: Source, quant: str) -> tuple[Path, Path | Non
     return gguf, (gguf.with_name("adapter.gguf") if cfg.adapter_only else None)
 
 
+MODELFILE_MARK = "written by llm-ft export"  # in the header of every Modelfile we write
+
+
+class Staging:
+    """A folder beside the outputs where an export is built; :meth:`publish` renames its files
+    over the published ones, :meth:`keep_failed` sets it aside, :meth:`discard` removes it."""
+
+    def __init__(self, gguf_path: Path):
+        self.final_dir = gguf_path.parent
+        self.created = not self.final_dir.exists()
+        try:
+            self.final_dir.mkdir(parents=True, exist_ok=True)
+            self.dir = Path(tempfile.mkdtemp(prefix=f".{gguf_path.stem}.staging-", dir=self.final_dir))
+        except OSError as exc:
+            from common.io import write_error
+
+            raise write_error(self.final_dir, exc) or exc from None
+        self.failed_dir = self.final_dir / f"{gguf_path.stem}.failed"
+
+    def staged(self, final: Path | None) -> Path | None:
+        return None if final is None else self.dir / final.name
+
+    def publish(self) -> None:
+        from common.io import _fsync_dir
+
+        for f in sorted(self.dir.iterdir(), key=lambda p: p.suffix != ".gguf"):  # the GGUFs before the Modelfile
+            os.replace(f, self.final_dir / f.name)
+        _fsync_dir(self.final_dir)
+        self.dir.rmdir()
+
+    def keep_failed(self) -> Path:
+        old = self.failed_dir
+        if old.exists():  # the previous failed export (ours: it has only our file names) makes way
+            shutil.rmtree(old) if all(p.suffix == ".gguf" or p.name in ("Modelfile", "verify.json")
+                                      for p in old.iterdir()) else os.replace(old, f"{old}-{int(time.time())}")
+        os.replace(self.dir, old)
+        return old
+
+    def about_final(self, exc: UserError) -> UserError:
+        """``exc`` reworded to name the published file it was building, not the staging folder."""
+        if str(self.dir) not in exc.message:
+            return exc
+        name = exc.message.split(str(self.dir) + os.sep, 1)[-1].split(":", 1)[0]
+        kept = "the existing file is unchanged" if (self.final_dir / name).exists() else "nothing was written"
+        message = exc.message.replace(str(self.dir), str(self.final_dir)).replace("nothing was written", kept)
+        return UserError(message, exc.problems)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.created:
+            with contextlib.suppress(OSError):
+                self.final_dir.rmdir()
+
+
+def _check_beside(gguf_path: Path, force: bool) -> None:
+    """A Modelfile beside an explicit --out that we did not write is the user's: never replace it."""
+    mf = gguf_path.with_name("Modelfile")
+    if mf.is_file() and not force and MODELFILE_MARK not in mf.read_text(encoding="utf-8", errors="replace")[:2000]:
+        raise UserError(f"{mf}: a Modelfile llm-ft did not write is beside --out {gguf_path}; "
+                        "choose another folder, or pass --force to replace it")
+
+
 def run(cfg: ExportConfig) -> ExportResult:
     """Export ``cfg.source`` as GGUF + Modelfile and verify it; returns what was written."""
     from common.export.arch import load_hparams, spec_for
-    from common.export.gguf_file import default_quant, n_params, start_tensors, write_gguf
-    from common.export.lora_gguf import scaling_note, write_lora_gguf
+    from common.export.gguf_file import default_quant, n_params
     from common.export.merge import open_merged
     from common.peft import load_adapter
 
@@ -144,34 +218,79 @@ def run(cfg: ExportConfig) -> ExportResult:
         quant, reason = default_quant(n_params(merged))
         print(f"quant: {reason}")
     gguf_path, adapter_path = _paths(cfg, src, quant)
+    _check_beside(gguf_path, cfg.force)
+    in_run = src.adapter_dir is not None and src.adapter_dir.parent.resolve() in gguf_path.resolve().parents
+    with _run_lock(src, in_run):
+        stage = Staging(gguf_path)
+        try:
+            report, modelfile, held_rows = _build(cfg, src, merged, hp, spec, quant, name, stage, notes,
+                                                  stage.staged(gguf_path), stage.staged(adapter_path), adapter)
+            published = report is None or report.passed or cfg.force
+            if published:
+                stage.publish()
+                modelfile = gguf_path.with_name(modelfile.name)
+            else:
+                kept = stage.keep_failed()
+                gguf_path, modelfile = kept / gguf_path.name, kept / modelfile.name
+                adapter_path = kept / adapter_path.name if adapter_path else None
+        except UserError as exc:
+            stage.discard()
+            raise stage.about_final(exc) from None
+        except BaseException:
+            stage.discard()
+            raise
+    for note in notes:
+        print(f"note: {note}")
+    result = ExportResult(gguf_path, modelfile, quant, adapter_path, report, notes, published)
+    if not published:
+        return result  # main() says why; no Ollama hint for an export that failed its check
+    for f in (gguf_path, adapter_path, modelfile):
+        if f is not None:
+            print(f"wrote {f} ({f.stat().st_size / 2**20:.1f} MiB)" if f.suffix == ".gguf" else f"wrote {f}")
+    if report is not None and not report.passed:
+        print(f"warning: verification failed; published anyway (--force): see {gguf_path.with_name('verify.json')}")
+    ollama_name = slug(cfg.ollama_create or name)
+    print(f"to use it in Ollama: ollama create {ollama_name} -f {modelfile}")
+    if cfg.ollama_create:
+        ollama_create(ollama_name, modelfile, held_rows, notes)
+    return result
+
+
+def _run_lock(src: Source, in_run: bool):
+    """Writing into a run (RUN/export): one writer at a time there, as for train."""
+    if not in_run:
+        return contextlib.nullcontext()
+    from common.run_dir import RunLock
+
+    return RunLock(src.adapter_dir.parent, "llm-ft export")
+
+
+def _build(cfg: ExportConfig, src: Source, merged, hp, spec, quant: str, name: str, stage: Staging,
+           notes: list[str], gguf_path: Path, adapter_path: Path | None, adapter=None):
+    """Write the GGUF(s), the Modelfile and verify.json into the staging folder and verify them."""
+    from common.export.gguf_file import start_tensors, write_gguf
+    from common.export.lora_gguf import scaling_note, write_lora_gguf
+
     # Merging and quantizing start here, on worker threads, and run beside the loading of the
     # tokenizer below (about a second of single-threaded Python).
     tensors = start_tensors(merged, hp, spec, quant)
     try:
         vocab, formatter = _vocab_and_formatter(cfg, src, spec, merged, notes)
-        result_gguf = write_gguf(merged, hp, spec, vocab, gguf_path, quant, name=name, tensors=tensors)
+        write_gguf(merged, hp, spec, vocab, gguf_path, quant, name=name, tensors=tensors)
     finally:
         tensors.close()
-    print(f"wrote {result_gguf.path} ({result_gguf.path.stat().st_size / 2**20:.1f} MiB, {quant})")
     if adapter_path is not None:
         if adapter is None:
             raise UserError(f"--adapter-only: {cfg.source} is a model, not a run with an adapter")
         write_lora_gguf(adapter, hp, spec, adapter_path, name=f"{name}-adapter")
-        print(f"wrote {adapter_path} ({scaling_note(adapter)})")
+        notes.append(f"adapter GGUF: {scaling_note(adapter)}")
 
     train_rows, held_rows = load_rows(src.run_config, notes)
     modelfile = write_modelfile(gguf_path, adapter_path, src, formatter, vocab.add_bos, train_rows, held_rows, notes)
-
     report = None
     if cfg.verify:
         report = _verify(cfg, src, formatter, quant, gguf_path, adapter_path, held_rows, notes, vocab.raw_text_exact)
-    for note in notes:
-        print(f"note: {note}")
-    ollama_name = slug(cfg.ollama_create or name)
-    print(f"to use it in Ollama: ollama create {ollama_name} -f {modelfile}")
-    if cfg.ollama_create:
-        ollama_create(ollama_name, modelfile, held_rows, notes)
-    return ExportResult(gguf_path, modelfile, quant, adapter_path, report, notes)
+    return report, modelfile, held_rows
 
 
 def _vocab_and_formatter(cfg: ExportConfig, src: Source, spec, merged, notes: list[str]):
@@ -226,12 +345,11 @@ def write_modelfile(gguf_path: Path, adapter_path: Path | None, src: Source, for
     lengths = [len(formatter.tokenizer.encode(a, add_special_tokens=False)) for a in answers] if formatter else []
     params, reason = task_parameters(answers, lengths, int(src.run_config.get("max_seq_length", 2048)))
     notes.append(f"parameters: {reason}")
-    header = f"{src.name}: written by llm-ft export\nollama create {slug(src.name)} -f Modelfile"
+    header = f"{src.name}: {MODELFILE_MARK}\nollama create {slug(src.name)} -f Modelfile"
     text = render_modelfile(f"./{gguf_path.name}", adapter=f"./{adapter_path.name}" if adapter_path else None,
                             template=template, system=system, stops=stops, parameters=params, header=header)
     path = gguf_path.with_name("Modelfile")
     write_text(path, text)
-    print(f"wrote {path}")
     return path
 
 
@@ -283,4 +401,13 @@ def build_parser():
 def main(argv=None) -> int:
     from common.command import main_for
 
-    return main_for(build_parser, ExportConfig, lambda cfg: 0 if run(cfg).ok else 1, argv)
+    def body(cfg: ExportConfig) -> int:
+        result = run(cfg)
+        if result.published:
+            return 0
+        print(f"error: verification failed ({'; '.join(result.report.failures[:3]) or 'see verify.json'}); "
+              f"the export is kept in {result.gguf.parent} for inspection and the published files are "
+              "unchanged (--force publishes it anyway)", file=sys.stderr)
+        return 1
+
+    return main_for(build_parser, ExportConfig, body, argv)

@@ -259,6 +259,8 @@ def write_gguf_python(merged: MergedModel, hp: HParams, spec: ArchSpec, vocab: G
 
 def write_error(out: Path, exc: OSError) -> UserError:
     """A failed write as a user error; the temporary file is already gone and ``out`` untouched."""
+    if isinstance(exc, UserError):  # common.io already said it in one line (WriteError)
+        return exc
     what = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
     kept = "the existing file is unchanged" if out.exists() else "nothing was written"
     return UserError(f"{out}: write failed ({what}); {kept}")

@@ -2,12 +2,16 @@
 
 The output is a plain Hugging Face model directory (safetensors shards, config.json,
 generation_config.json, tokenizer files and chat template) that transformers, mlx-lm,
-vLLM or llama.cpp's own converter can load. Written under a temporary name and swapped
-in whole, so a failed merge never leaves a half-written directory behind.
+vLLM or llama.cpp's own converter can load. Written under a temporary name beside ``--out``
+and renamed into place, so a failed merge never leaves a half-written directory behind.
+An existing ``--out`` is replaced only when it holds nothing but a previous merge's files and
+is the default ``RUN/merged`` or ``--force`` says so; the run, the base model, and any folder
+holding them are never replaced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -35,6 +39,7 @@ class MergeConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "dtype of the merged weights; auto keeps each base tensor's dtype")
     shard_size_gb: float = opt(2.0, "largest safetensors shard, in GB", gt=0)
+    force: bool = opt(False, "replace an existing --out that holds a previous merge (never a folder with other files)")
 
 
 def _storage_dtype(base_dtype: str, wanted: str) -> str:
@@ -93,6 +98,8 @@ def write_merged(merged: MergedModel, out: str | Path, *, dtype: str = "auto", s
     try:
         _write(merged, out, plan, dtype, shard_bytes, chat_template, progress)
     except OSError as exc:
+        if isinstance(exc, UserError):  # already one line naming the file (common.io.WriteError)
+            raise
         from common.export.gguf_file import write_error
 
         raise write_error(out, exc) from None
@@ -132,18 +139,65 @@ def run_chat_template(run) -> str | None:
     return path.read_text(encoding="utf-8")
 
 
+def _is_merge_file(name: str) -> bool:
+    return (name in AUX_FILES or name in ("config.json", "model.safetensors.index.json")
+            or (name.startswith("model") and name.endswith(".safetensors")))
+
+
+def _within(a: Path, b: Path) -> bool:
+    """``a`` is ``b`` or a folder inside it."""
+    return a == b or b in a.parents
+
+
+def check_out(out: Path, protected: dict[str, Path], *, replaceable: bool) -> None:
+    """Refuse an ``--out`` whose replacement would destroy what the user did not hand over.
+
+    ``protected`` names folders (the run, the base model) that ``out`` may neither be nor contain
+    (a base folder looks just like a merge's output); ``replaceable`` is whether an existing
+    previous merge there may go.
+    """
+    target = out.resolve()
+    for what, path in protected.items():
+        path = path.resolve()
+        if _within(path, target):
+            raise UserError(f"--out {out}: {'is' if target == path else 'overlaps'} the {what} ({path}); "
+                            "merge never writes into or over it: choose a new folder")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise UserError(f"--out {out}: exists and is not a folder; choose a new path")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    foreign = [n for n in entries if not _is_merge_file(n)]
+    if foreign:
+        raise UserError(f"--out {out}: holds files a merge did not write ({', '.join(foreign[:5])}"
+                        f"{', ...' if len(foreign) > 5 else ''}); refusing to replace it: choose a new folder")
+    if not replaceable:
+        raise UserError(f"--out {out}: exists and holds a model; choose a new folder, "
+                        "or pass --force to replace it with this merge")
+
+
 def run(cfg: MergeConfig) -> Path:
     """Merge the run's adapter into its original base model; returns the output directory."""
-    from common.run_dir import RunDir
+    from common.run_dir import RunDir, RunLock
 
     rd = RunDir.open(cfg.run)
-    merged = open_merged(rd.base_model(), rd.adapter_dir)
+    base = Path(rd.base_model())
+    merged = open_merged(base, rd.adapter_dir)
     out = Path(cfg.out) if cfg.out else rd.path / "merged"
-    write_merged(merged, out, dtype=cfg.dtype, shard_bytes=int(cfg.shard_size_gb * 1e9),
-                 chat_template=run_chat_template(rd))
+    check_out(out, {"run directory": rd.path, "base model": base}, replaceable=cfg.force or not cfg.out)
+    # Into the run (the default): one writer at a time there, as for train and export.
+    with RunLock(rd.path, "llm-ft merge") if _within(out.resolve(), rd.path.resolve()) else _nothing():
+        write_merged(merged, out, dtype=cfg.dtype, shard_bytes=int(cfg.shard_size_gb * 1e9),
+                     chat_template=run_chat_template(rd))
     n = sum(1 for name in merged.names if merged.is_changed(name))
     print(f"merged {n} adapted tensors into {merged.base_dir} -> {out}")
     return out
+
+
+def _nothing():
+    return contextlib.nullcontext()
 
 
 def build_parser():

@@ -129,21 +129,43 @@ def remove_stale(run_dir: Path) -> None:
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def rotate(run_dir: Path, keep: int, newest_good: Path) -> list[Path]:
-    """Delete all but the ``keep`` newest checkpoints, never ``newest_good`` (the last verified one).
+def rotate(run_dir: Path, keep: int, newest_good: Path,
+           is_good: Callable[[Path], bool] = lambda p: not verify(p)) -> list[Path]:
+    """Keep the ``keep`` newest checkpoints that verify (``newest_good`` always among them); delete the
+    ones older than those.
 
-    A directory is renamed before it is deleted, so a kill mid-delete leaves no
+    Counting only verified checkpoints means a corrupt newer one never pushes a good older one
+    out. A corrupt one newer than the oldest kept is left for inspection (a resume skips it with a
+    warning). A directory is renamed before it is deleted, so a kill mid-delete leaves no
     half-deleted ``step-N`` that could look like a checkpoint.
     """
-    removed = []
-    for i, (_, path) in enumerate(steps(run_dir)):
-        if i < keep or path.resolve() == Path(newest_good).resolve():
+    removed, good = [], 0
+    newest_good = Path(newest_good).resolve()
+    for _, path in steps(run_dir):
+        if good < max(keep, 1) or path.resolve() == newest_good:
+            good += path.resolve() == newest_good or is_good(path)
             continue
         doomed = path.with_name(f".{path.name}.deleting")
         os.replace(path, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
         removed.append(path)
     return removed
+
+
+def finished(run_dir: Path, ckpt: Path, total_steps: int) -> str | None:
+    """Why a ``--resume`` from ``ckpt`` has nothing to do, or None: summary.json says the run finished
+    at that checkpoint and this one plans no step beyond it (``total_steps``: its planned steps)."""
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
+        step = read(ckpt)[0]["step"]
+        reason, done, planned = summary.get("stop_reason"), summary["steps"], summary["total_steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if done != step or not (reason == "completed" and total_steps <= step
+                            or reason == "early_stop" and total_steps == planned):
+        return None
+    return (f"{run_dir}: already finished ({reason.replace('_', ' ')} at step {step}); nothing to resume, "
+            "nothing rewritten (raise --max-steps or --epochs to train further)")
 
 
 def read(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:

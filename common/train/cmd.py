@@ -8,6 +8,7 @@ is documented in common/run_dir.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import time
@@ -22,6 +23,7 @@ from common.command import main_for, make_parser
 from common.errors import UserError
 from common.io import write_json, write_text
 from common.options import TrainConfig
+from common.run_dir import lock_for_training
 
 SAMPLE_TOKENS_MAX = 256  # longest sample answer generated at an evaluation
 
@@ -163,12 +165,17 @@ def with_default_lr(cfg: TrainConfig, model_dir: Path, console) -> TrainConfig:
 
 def run(cfg: TrainConfig, *, console=None) -> int:
     """Train; returns 0, or 130 after a Ctrl-C that left a checkpoint to resume from."""
+    with contextlib.ExitStack() as held:  # the run directory's lock, from when its path is known to the end
+        return _run(cfg, console, held)
+
+
+def _run(cfg: TrainConfig, console, held: contextlib.ExitStack) -> int:
     from rich.console import Console
 
     from common import backends
     from common.train import checkpoint as ckpts
     from common.train.identity import run_info
-    from common.train.loop import INTERRUPTED, Trainer
+    from common.train.loop import INTERRUPTED, Trainer, planned_steps
     from common.train.metrics import MetricsLog, check_reporters, truncate_after
     from common.train.plot import plot_loss
 
@@ -176,6 +183,7 @@ def run(cfg: TrainConfig, *, console=None) -> int:
     backend_name = backends.resolve(cfg.backend)
     check_reporters(cfg.report_to)
     p = prepare(cfg, console)
+    held.callback(lock_for_training(p.run_dir, resume=cfg.resume).release)
     cfg = with_default_lr(cfg, p.resolved.path, console)
     info_for_resume = run_info(cfg, backend=backend_name, model_dir=p.resolved.path, tokenizer=p.tokenizer,
                                data_fingerprint=p.fingerprint, train_examples=p.data.train)
@@ -186,6 +194,10 @@ def run(cfg: TrainConfig, *, console=None) -> int:
             raise UserError(f"--resume: no checkpoint in {p.run_dir / 'checkpoints'} verifies; "
                             "run without --resume (and another --out) to start over")
         ckpts.check_compatible(resume_from, info_for_resume)
+        finished = ckpts.finished(p.run_dir, resume_from, planned_steps(cfg, p.data))
+        if finished:  # nothing to train: leave every file as it is
+            console.print(finished)
+            return 0
     plan = backends.device_plan(backend_name, cfg.device, cfg.dtype)
     _preflight(cfg, p.resolved, max(len(e) for e in p.data.train), plan, console)
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 import random
+import shlex
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import UserError
-from common.io import atomic_dir
+from common.io import WriteError, atomic_dir
 from common.rows import Example
 from common.train import checkpoint as ckpts
 from common.train.backend import Backend
@@ -85,6 +87,14 @@ def _set_rng_states(py: Any, npy: Any) -> None:
         np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4]))
 
 
+def resume_command(run_dir: Path) -> str:
+    """The exact command that continues this run: the user's own ``train`` command plus ``--resume``."""
+    args = sys.argv[1:]
+    if args[:1] == ["train"]:
+        return "llm-ft " + shlex.join(args + ([] if "--resume" in args else ["--resume"]))
+    return f"the same 'llm-ft train' command with --out {shlex.quote(str(run_dir))} --resume"
+
+
 class Interrupt:
     """First Ctrl-C: finish the step, write a checkpoint, exit 130. Second: stop at once."""
 
@@ -109,6 +119,22 @@ class Interrupt:
             signal.signal(signal.SIGINT, self._old)
 
 
+def _stream(cfg: Any, data: TrainData) -> DataStream:
+    return DataStream(data.train, batch_size=cfg.batch_size, seed=cfg.seed, pad_id=data.pad_id,
+                      group_by_length=cfg.group_by_length, packing=cfg.packing, max_len=cfg.max_seq_length)
+
+
+def _total_steps(cfg: Any, stream: DataStream) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(stream.micro_batches_for(cfg.epochs) / cfg.grad_accum))
+
+
+def planned_steps(cfg: Any, data: TrainData) -> int:
+    """The optimizer steps ``cfg`` asks for on ``data`` (what a Trainer would run)."""
+    return _total_steps(cfg, _stream(cfg, data))
+
+
 class Trainer:
     def __init__(self, cfg: Any, backend: Backend, data: TrainData, run_dir: Path, *, base_model: str,
                  run_info: dict[str, Any], log: MetricsLog, progress_console=None):
@@ -121,14 +147,12 @@ class Trainer:
         self.log = log
         self.console = progress_console
         self.state = LoopState()
-        self.stream = DataStream(data.train, batch_size=cfg.batch_size, seed=cfg.seed, pad_id=data.pad_id,
-                                 group_by_length=cfg.group_by_length, packing=cfg.packing, max_len=cfg.max_seq_length)
-        if cfg.max_steps is not None:
-            self.total_steps = cfg.max_steps
-        else:
-            self.total_steps = max(1, math.ceil(self.stream.micro_batches_for(cfg.epochs) / cfg.grad_accum))
+        self.stream = _stream(cfg, data)
+        self.total_steps = _total_steps(cfg, self.stream)
         self.last_checkpoint: Path | None = None
+        self.verified: set[Path] = set()  # checkpoints this process wrote and verified
         self.stop_reason = "completed"
+        self.diverged: tuple[float, list[str], bool] | None = None
 
     # -- resume ------------------------------------------------------------------
 
@@ -145,20 +169,25 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------
 
-    def evaluate(self) -> float | None:
+    def evaluate(self) -> tuple[float | None, list[str], bool]:
+        """(mean validation loss per target token, sources of the batches whose loss is not finite,
+        whether every batch is)."""
         if not self.data.valid:
-            return None
+            return None, [], False
         plan = eval_plan([len(e) for e in self.data.valid], batch_size=self.cfg.batch_size,
                          packing=self.cfg.packing, max_len=self.cfg.max_seq_length)
         if self.cfg.eval_batches is not None:
             plan = plan[: self.cfg.eval_batches]
-        total, count = 0.0, 0
+        total, count, bad, n_bad = 0.0, 0, [], 0
         for rows in plan:
             s, n = self.backend.eval_loss(make_batch([[self.data.valid[i] for i in row] for row in rows],
                                                      self.data.pad_id))
+            if not math.isfinite(s):
+                n_bad += 1
+                bad += [str(self.data.valid[i].source) for row in rows for i in row if self.data.valid[i].source]
             total += s
             count += n
-        return total / count if count else None
+        return (total / count if count else None), sorted(set(bad)), n_bad == len(plan)
 
     def samples(self, progress: TrainProgress) -> None:
         for k, sample in enumerate(self.data.samples[: self.cfg.sample_prompts]):
@@ -173,9 +202,16 @@ class Trainer:
 
     def eval_and_keep_best(self, progress: TrainProgress) -> None:
         s = self.state
-        loss = self.evaluate()
+        loss, bad, all_bad = self.evaluate()
         s.last_eval_step = s.step
         if loss is None:
+            return
+        if not math.isfinite(loss):  # no adapter can be chosen by it, and training on is futile
+            self.stop_reason = "diverged"
+            self.log.log("eval", s.step, eval_loss=str(loss), best=False, best_eval_loss=s.best_eval_loss,
+                         nonfinite_examples=bad[:20])
+            self.diverged = (loss, bad, all_bad)
+            progress.print(f"[red]step {s.step}: eval loss {loss}[/]")
             return
         s.last_eval_loss = loss
         improved = math.isfinite(loss) and (s.best_eval_loss is None or loss < s.best_eval_loss)
@@ -191,8 +227,41 @@ class Trainer:
         self.samples(progress)
 
     def save_best(self) -> None:
-        with atomic_dir(self.run_dir / "adapter") as tmp:
-            self.backend.save_adapter(tmp, self.base_model)
+        try:
+            with atomic_dir(self.run_dir / "adapter") as tmp:
+                self.backend.save_adapter(tmp, self.base_model)
+        except WriteError as exc:
+            raise self._write_failed(exc) from None
+
+    def _write_failed(self, exc: WriteError) -> WriteError:
+        kept = f"checkpoint {self.last_checkpoint} is intact" if self.last_checkpoint else "no checkpoint yet"
+        err = WriteError(f"{exc.message}; {kept}; make room, then continue with: {resume_command(self.run_dir)}")
+        err.errno = exc.errno
+        return err
+
+    def keep_after_divergence(self) -> UserError:
+        """Keep what the run has (best adapter, or the weights of its last finite step; its checkpoints)
+        and explain; returned for the caller to raise."""
+        s = self.state
+        loss, bad, all_bad = self.diverged
+        kept = []
+        adapter = self.run_dir / "adapter"
+        if adapter.is_dir():
+            kept.append(f"{adapter}: the best adapter (eval loss {s.best_eval_loss:.4f} at step {s.best_step})"
+                        if s.best_step is not None else f"{adapter}: the adapter from before this run")
+        else:  # a non-finite step is never applied, so the weights now are those of the last finite one
+            self.save_best()
+            kept.append(f"{adapter}: the weights at step {s.step} (not evaluated: use with care)")
+        if self.last_checkpoint is not None:
+            kept.append(f"{self.last_checkpoint}: checkpoint to resume from")
+        self.log.log("diverged", s.step, eval_loss=str(loss), kept=kept)
+        if bad and not all_bad:
+            cause = (f"validation examples give a non-finite loss: {', '.join(bad[:5])}"
+                     f"{' ...' if len(bad) > 5 else ''}; fix or drop them")
+        else:
+            cause = ("every validation batch: the model diverged; lower --lr" +
+                     (f" and resume ({resume_command(self.run_dir)} --lr ...)" if self.last_checkpoint else ""))
+        return UserError(f"eval loss is {loss} at step {s.step}: training stopped; {cause}", [f"kept {k}" for k in kept])
 
     # -- checkpoints -------------------------------------------------------------------
 
@@ -206,14 +275,18 @@ class Trainer:
             self.backend.save_adapter(tmp / "adapter", self.base_model)
             return self.backend.save_state(tmp)
 
-        path = ckpts.write(self.run_dir, s.step, files, asdict(s), self.run_info)
+        try:
+            path = ckpts.write(self.run_dir, s.step, files, asdict(s), self.run_info)
+        except WriteError as exc:
+            raise self._write_failed(exc) from None
         problems = ckpts.verify(path)
         if problems:  # the disk did not keep what we wrote: never rotate the previous one away
             progress.print(f"[red]warning: checkpoint {path} does not verify: {'; '.join(problems)}[/]")
             self.log.log("checkpoint", s.step, path=str(path), verified=False)
             return
         self.last_checkpoint = path
-        ckpts.rotate(self.run_dir, self.cfg.keep, path)
+        self.verified.add(path)
+        ckpts.rotate(self.run_dir, self.cfg.keep, path, is_good=self._is_good)
         self.log.log("checkpoint", s.step, path=str(path.relative_to(self.run_dir)), verified=True)
 
     # -- the loop ------------------------------------------------------------------------
@@ -277,6 +350,8 @@ class Trainer:
                                 peak_memory=self.backend.peak_memory())
                 if cfg.eval_every and s.step % cfg.eval_every == 0 and s.step < self.total_steps:
                     self.eval_and_keep_best(progress)
+                    if self.diverged:
+                        break
                     if cfg.early_stop_patience and s.evals_without_improvement >= cfg.early_stop_patience:
                         self.stop_reason = "early_stop"
                         self.log.log("early_stop", s.step, best_step=s.best_step, best_eval_loss=s.best_eval_loss)
@@ -289,16 +364,24 @@ class Trainer:
                     self.save_checkpoint(progress)
             if self.stop_reason == "interrupted":
                 self.save_checkpoint(progress)
+                if not (self.run_dir / "adapter").is_dir():  # no evaluation chose one yet: the weights now
+                    self.save_best()
                 self.log.log("interrupt", s.step, checkpoint=str(self.last_checkpoint))
-                progress.print(f"interrupted: checkpoint {self.last_checkpoint} written; continue with --resume")
+                progress.print(f"interrupted at step {s.step}: checkpoint {self.last_checkpoint} written; "
+                               f"continue with: {resume_command(self.run_dir)}", highlight=False)
             else:
-                if s.last_eval_step != s.step:
+                if s.last_eval_step != s.step and not self.diverged:
                     self.eval_and_keep_best(progress)
+                if self.diverged:
+                    raise self.keep_after_divergence()
                 if not self.data.valid:  # nothing to choose by: the final adapter is the one kept
                     self.save_best()
                     s.best_step = s.step
                 self.save_checkpoint(progress)
         return self.summary(time.time() - wall0)
+
+    def _is_good(self, path: Path) -> bool:
+        return path in self.verified or not ckpts.verify(path)
 
     def epoch_progress(self) -> float:
         pos = self.stream.position
