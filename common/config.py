@@ -227,13 +227,19 @@ def read_env_file(path: Path, cls) -> dict[str, str]:
     """
     from dotenv import dotenv_values
 
-    values = dotenv_values(path)
+    try:
+        values = dotenv_values(path)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start + 1})") from None
     names = {f.name for f in dataclasses.fields(cls)}
     all_names = _all_config_names()
     out: dict[str, str] = {}
     problems = []
     for key, value in values.items():
         if value is None:
+            continue
+        if "\x00" in key + value:  # the process environment cannot hold one
+            problems.append(f"{path}: {key!r}: contains a NUL character")
             continue
         if key.startswith(ENV_PREFIX):
             name = key[len(ENV_PREFIX):].lower()
@@ -266,6 +272,8 @@ def read_yaml_file(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start + 1})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

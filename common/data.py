@@ -30,6 +30,7 @@ from common.data_formats import (  # noqa: F401
     unknown_format,
 )
 from common.errors import UserError
+from common.row_bounds import MAX_DEPTH, MAX_LINE_BYTES, parse_row, too_deep
 from common.rows import Conversation, Row, Source, Text
 
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -87,11 +88,17 @@ def _unclosed(text: str) -> bool:
 
 
 def _json_lines(path: Path, data: bytes, report: LintReport) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) per non-blank line; BOM and CRLF accepted silently."""
+    """(line number, parsed value) per non-blank line; BOM and CRLF accepted silently.
+
+    A line over MAX_LINE_BYTES is refused before it is decoded or parsed."""
     lines = data.split(b"\n")  # not splitlines(): U+2028 may sit raw inside a JSON string
     last = max((i for i, raw in enumerate(lines, 1) if raw.strip()), default=0)
     for i, raw in enumerate(lines, 1):
         raw = raw.rstrip(b"\r")
+        if len(raw) > MAX_LINE_BYTES:
+            report.error(f"{path}:{i}", f"line is {len(raw) / 2**20:.1f} MiB, over the "
+                                        f"{MAX_LINE_BYTES >> 20} MiB limit for one row")
+            continue
         if not raw.strip():
             continue
         try:
@@ -100,11 +107,14 @@ def _json_lines(path: Path, data: bytes, report: LintReport) -> Iterator[tuple[i
             report.error(f"{path}:{i}:{exc.start + 1}", f"not UTF-8 text (byte 0x{raw[exc.start]:02x})")
             continue
         try:
-            yield i, json.loads(text)
+            ok, value = parse_row(text, f"{path}:{i}", report)
         except json.JSONDecodeError as exc:
             truncated = i == last and _unclosed(text)
             hint = " (the last line ends early: truncated file?)" if truncated else ""
             report.error(f"{path}:{i}:{exc.colno}", f"invalid JSON{hint}: {exc.msg}")
+            continue
+        if ok:
+            yield i, value
 
 
 def _json_array(path: Path, text: str, report: LintReport) -> Iterator[tuple[int, Any]]:
@@ -116,12 +126,19 @@ def _json_array(path: Path, text: str, report: LintReport) -> Iterator[tuple[int
         pos = ws.match(text, pos).end()
         if pos < len(text) and text[pos] == "]":
             return
+        line = text.count("\n", 0, pos) + 1
         try:
             obj, end = decoder.raw_decode(text, pos)
+            deep = too_deep(obj)
         except json.JSONDecodeError as exc:
             report.error(f"{path}:{exc.lineno}:{exc.colno}", f"invalid JSON: {exc.msg}")
             return
-        yield text.count("\n", 0, pos) + 1, obj
+        except RecursionError:  # deeper than the interpreter's limit: certainly over ours
+            deep = True
+        if deep:
+            report.error(f"{path}:{line}", f"JSON nested more than {MAX_DEPTH} levels deep (the limit for one row)")
+            return
+        yield line, obj
         pos = ws.match(text, end).end()
         if pos < len(text) and text[pos] == ",":
             pos += 1

@@ -81,9 +81,10 @@ def _raise(message: str):
 def _compile(source: str):
     from jinja2 import TemplateError
     from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    from common.template_bounds import BoundedEnvironment
+
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, sort_keys=False: json.dumps(
         x, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
     env.globals["raise_exception"] = _raise
@@ -92,6 +93,8 @@ def _compile(source: str):
         return env.from_string(source)
     except TemplateError as exc:
         raise UserError(f"chat template does not compile: {exc}") from None
+    except RecursionError:
+        raise UserError("chat template does not compile: nested too deeply") from None
 
 
 def resolve_template(tokenizer, override: str | None = None) -> str:
@@ -114,16 +117,33 @@ def resolve_template(tokenizer, override: str | None = None) -> str:
     return template
 
 
+def template_origin(tokenizer, override: str | None = None) -> str:
+    """Where a chat template comes from, for error messages: the override, else the tokenizer's file."""
+    if override:
+        return override if override not in NAMED_TEMPLATES else f"--chat-template {override}"
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or "."))
+    jinja = folder / "chat_template.jinja"
+    return str(jinja if jinja.is_file() else folder / "tokenizer_config.json")
+
+
 def render(template: str, messages: list[dict[str, Any]], *, add_generation_prompt: bool = False,
-           tools: list | None = None, special: dict[str, str] | None = None) -> str:
-    """Render ``messages`` with a chat template in Jinja's immutable sandbox."""
+           tools: list | None = None, special: dict[str, str] | None = None, origin: str = "chat template") -> str:
+    """Render ``messages`` with a chat template in a bounded immutable sandbox (see
+    :mod:`common.template_bounds`); ``origin`` (the template's file) names it in errors."""
     from jinja2 import TemplateError
 
+    from common.template_bounds import TemplateTooExpensive
+
+    template_obj = _compile(template)
     try:
-        return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         tools=tools, **(special or {}))
+        return template_obj.environment.render_bounded(
+            template_obj, messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
+            **(special or {}))
     except UserError:
         raise
+    except (TemplateTooExpensive, MemoryError, RecursionError) as exc:
+        why = {MemoryError: "out of memory", RecursionError: "recursion too deep"}.get(type(exc), str(exc))
+        raise UserError(f"{origin}: chat template too expensive ({why})") from None
     except (TemplateError, TypeError, ValueError, KeyError) as exc:
         raise UserError(f"chat template failed to render: {type(exc).__name__}: {exc}") from None
 
@@ -152,6 +172,7 @@ class ChatFormatter:
                  train_on_prompt: bool = False):
         self.tokenizer = tokenizer
         self.template = resolve_template(tokenizer, template)
+        self.template_origin = template_origin(tokenizer, template)
         self.system_prompt = system_prompt
         self.train_on_prompt = train_on_prompt
         self.special = special_tokens(tokenizer)
@@ -195,7 +216,7 @@ class ChatFormatter:
 
     def render(self, messages, *, add_generation_prompt=False, tools=None) -> str:
         return render(self.template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
-                      special=self.special)
+                      special=self.special, origin=self.template_origin)
 
     def _tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
@@ -319,7 +340,11 @@ def encode_split(rows: list[Row], formatter, max_len: int, policy: str, *,
         from rich.progress import track
 
         it = track(rows, description="tokenizing", transient=True)
-    examples = [formatter.encode(r) for r in it]
+    from common.row_bounds import cut_row, max_token_chars
+
+    widest = max_token_chars(formatter.tokenizer)
+    char_limit = (max_len + 64) * widest if widest else None  # 64 tokens of margin around the cut
+    examples = [formatter.encode((char_limit and cut_row(r, char_limit)) or r) for r in it]
     lengths = [len(e) for e in examples]
     kept, policy_stats = apply_length_policy(examples, max_len, policy)
     learned = [e for e in kept if e.n_supervised > 0]

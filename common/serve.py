@@ -185,6 +185,7 @@ class Models:
         self.main = load_generator(self.target, backend=cfg.backend, system_prompt="", n_ctx=cfg.n_ctx)
         self.base = None
         self.lock = threading.Lock()  # one generation at a time, whatever the queue does
+        self.served = 0  # generations finished or cancelled (the load test counts them)
         ctx = cfg.n_ctx if self.target.kind == "gguf" else model_context(self.target)
         self.context = ctx
         self.token_cap = min(HARD_CAP, ctx) if ctx else HARD_CAP
@@ -230,31 +231,50 @@ class Models:
     def stream(self, generator, messages: list[dict], **settings) -> Iterator[str]:
         """Yield the answer so far as it grows; the engine runs in a worker thread.
 
-        If the page goes away mid-answer, the worker still finishes (at most max_new_tokens)
-        before the lock lets the next request in.
+        Requests wait for the lock in arrival order (one generation at a time). When the
+        caller stops iterating (the page went away mid-answer and Gradio closed this
+        generator), the engine's next streamed piece raises :class:`Cancelled`, so the
+        engine stops and the lock goes to the next request at once.
         """
         pieces: queue.Queue = queue.Queue()
         done = object()
         result: dict[str, Any] = {}
+        cancelled = threading.Event()
+
+        def put(piece: str) -> None:
+            if cancelled.is_set():
+                raise Cancelled("the client went away")
+            pieces.put(piece)
 
         def work():
             with self.lock:
                 try:
-                    result["text"] = generator.generate(messages, stream=pieces.put, **settings)
+                    if not cancelled.is_set():  # gone while it waited in the queue: nothing to do
+                        result["text"] = generator.generate(messages, stream=put, **settings)
+                except Cancelled:
+                    pass
                 except BaseException as exc:  # re-raised in the page's thread
                     result["error"] = exc
                 finally:
+                    self.served += 1
                     pieces.put(done)
 
         threading.Thread(target=work, daemon=True).start()
         text = ""
-        while (piece := pieces.get()) is not done:
-            text += piece
-            yield text
+        try:
+            while (piece := pieces.get()) is not done:
+                text += piece
+                yield text
+        finally:
+            cancelled.set()  # a no-op after the end; mid-answer it stops the engine at its next piece
         if "error" in result:
             raise result["error"]
-        if result["text"] != text:
+        if result.get("text", text) != text:
             yield result["text"]
+
+
+class Cancelled(Exception):
+    """Raised inside an engine's stream callback to stop a generation nobody is waiting for."""
 
 
 # ---------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def test_roundtrip_weights_config_and_files(tiny_gguf, tiny_model_dir, home):
     out = import_gguf(tiny_gguf)
     assert out.parent == home / "models" and out.name.startswith("tiny-")
     assert {p.name for p in out.iterdir()} == {"config.json", "generation_config.json", "model.safetensors",
-                                               "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                                               "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "gguf_tokenizer.json",
                                                "llm_ft_import.json"}
     original = load_file(str(tiny_model_dir / "model.safetensors"))
     imported = load_file(str(out / "model.safetensors"))

@@ -71,8 +71,14 @@ class GGUFVocab:
     # after every special token or nowhere). Whole chat prompts are then matched by choosing
     # add_space_prefix from how the prompts start; verification judges prompts, notes raw texts.
     raw_text_exact: bool = True
+    # The tokenizer.* keys of an imported GGUF ({key: {type, [sub], value}}), written back
+    # verbatim; only add_bos/add_eos (training's), the chat template and a missing EOT are ours.
+    raw: dict[str, dict] | None = None
 
     def add_to(self, w: gguf.GGUFWriter) -> None:
+        if self.raw is not None:
+            self._add_raw(w)
+            return
         w.add_tokenizer_model(self.model)
         w.add_tokenizer_pre(self.pre)
         w.add_token_list(self.tokens)
@@ -89,6 +95,59 @@ class GGUFVocab:
             w.add_add_space_prefix(self.add_space_prefix)
         if self.chat_template:
             w.add_chat_template(self.chat_template)
+
+
+    def _add_raw(self, w: gguf.GGUFWriter) -> None:
+        ours = {"tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token", "tokenizer.chat_template"}
+        for key, entry in self.raw.items():
+            if key not in ours:
+                sub = gguf.GGUFValueType[entry["sub"]] if "sub" in entry else None
+                w.add_key_value(key, entry["value"], gguf.GGUFValueType[entry["type"]], sub_type=sub)
+        if "eot" in self.special:
+            w.add_eot_token_id(self.special["eot"])
+        w.add_add_bos_token(self.add_bos)
+        w.add_add_eos_token(self.add_eos)
+        if self.chat_template:
+            w.add_chat_template(self.chat_template)
+
+
+def imported_vocab(model_dir: Path, n_vocab: int, *, chat_template: str | None, eot_token: str | None,
+                   tokenizer) -> GGUFVocab | None:
+    """The vocabulary of a model imported from a GGUF, exactly as that GGUF stored it (None when
+    ``model_dir`` was not imported from one). Only padding rows past the vocabulary are added."""
+    from common.models.gguf_tokenizer import GGUF_VOCAB_FILE
+
+    path = model_dir / GGUF_VOCAB_FILE
+    if not path.is_file():
+        return None
+    try:
+        keys = json.loads(path.read_text(encoding="utf-8"))["keys"]
+        tokens = list(keys["tokenizer.ggml.tokens"]["value"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: unreadable ({type(exc).__name__}: {exc}); import the GGUF again") from None
+    if len(tokens) > n_vocab:
+        raise UserError(f"{path}: {len(tokens)} tokens but the embedding has only {n_vocab} rows")
+    keys = {k: dict(v) for k, v in keys.items()}
+    pad = range(len(tokens), n_vocab)  # embedding rows past the vocabulary, as llama.cpp pads them
+    for key, fill in (("tokenizer.ggml.tokens", None), ("tokenizer.ggml.scores", -1000.0),
+                      ("tokenizer.ggml.token_type", int(gguf.TokenType.UNUSED))):
+        if key in keys:
+            keys[key]["value"] = list(keys[key]["value"]) + [f"[PAD{i}]" if fill is None else fill for i in pad]
+
+    def value(key: str, default=None):
+        return keys.get(f"tokenizer.ggml.{key}", {}).get("value", default)
+
+    model = str(value("model", "llama"))
+    special = {}
+    if eot_token and value("eot_token_id") is None:
+        tid = tokenizer.convert_tokens_to_ids(eot_token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            special["eot"] = tid
+    return GGUFVocab(model=model, pre=str(value("pre", "default")), tokens=value("tokens"),
+                     types=[int(t) for t in value("token_type", [])], scores=value("scores"),
+                     merges=list(value("merges", [])), special=special,
+                     add_bos=bool(value("add_bos_token", model == "llama")), add_eos=bool(value("add_eos_token", False)),
+                     add_space_prefix=value("add_space_prefix"), chat_template=chat_template, raw=keys)
 
 
 def pre_tokenizer_hash(tokenizer) -> str:
@@ -237,9 +296,12 @@ def build_vocab(model_dir: str | Path, n_vocab: int, *, chat_template: str | Non
     from common.models import load_tokenizer
 
     model_dir = Path(model_dir)
-    kind = _tokenizer_kind(model_dir)
     if tokenizer is None:
         tokenizer = load_tokenizer(model_dir)
+    imported = imported_vocab(model_dir, n_vocab, chat_template=chat_template, eot_token=eot_token, tokenizer=tokenizer)
+    if imported is not None:
+        return imported
+    kind = _tokenizer_kind(model_dir)
     if max(tokenizer.get_vocab().values()) >= n_vocab:
         raise UserError(f"{model_dir}: tokenizer has ids up to {max(tokenizer.get_vocab().values())} but the "
                         f"embedding has only {n_vocab} rows")

@@ -26,7 +26,7 @@ from common.models import gguf_arch
 from common.models.gguf_check import scan_header
 
 IMPORT_RECORD = "llm_ft_import.json"
-IMPORTER_VERSION = 1  # bump when the output of an import changes; older imports are then redone
+IMPORTER_VERSION = 2  # bump when the output of an import changes; older imports are then redone
 SHARD_BYTES = 2 << 30  # float32 bytes per safetensors shard: bounds the memory an import needs
 HASH_CHUNK = 16 << 20
 
@@ -130,7 +130,7 @@ def _convert(path: Path, header, out: Path, sha: str, final_name: str) -> None:
     import numpy as np
     from safetensors.numpy import save_file
 
-    from common.models.gguf_tokenizer import write_tokenizer
+    from common.models.gguf_tokenizer import write_gguf_vocab, write_tokenizer
 
     try:
         reader = gguf.GGUFReader(path)
@@ -198,6 +198,7 @@ def _convert(path: Path, header, out: Path, sha: str, final_name: str) -> None:
         json.dumps(gguf_arch.generation_config(config), indent=2) + "\n", encoding="utf-8")
     try:
         tokenizer = write_tokenizer(meta, out, max_length=config.get("max_position_embeddings"))
+        write_gguf_vocab(reader.fields, out, meta)  # every tokenizer key as imported, for a faithful export
     except UserError as exc:
         raise UserError(f"{path}: {exc.message}", exc.problems) from None
     types: dict[str, int] = {}

@@ -27,6 +27,11 @@ from typing import Any
 from common.errors import UserError
 
 CONTROL, UNKNOWN, USER_DEFINED = 3, 2, 4
+# The GGUF's own tokenizer.* keys, kept verbatim (value and GGUF type) beside the rebuilt
+# tokenizer.json: a tokenizer.json cannot say everything llama.cpp reads (token types and
+# scores of special whitespace pieces, add_space_prefix, the pre-type), so the exporter
+# writes these keys back as they were instead of deriving them again (common.export.tokenizer).
+GGUF_VOCAB_FILE = "gguf_tokenizer.json"
 
 # llama.cpp's split regexes (src/llama-vocab.cpp), applied one after the other.
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -171,6 +176,28 @@ def build_tokenizer(meta: dict[str, Any]):
     if isinstance(template, str) and template:
         fast.chat_template = template
     return fast, kind
+
+
+def gguf_vocab_record(fields: dict[str, Any], meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every ``tokenizer.*`` key of a GGUF reader's ``fields``: {key: {type, [sub], value}}.
+    ``meta`` holds the values already read (reading a 262k-token array again costs seconds)."""
+    keys = {}
+    for key, field in fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        entry = {"type": field.types[0].name, "value": meta[key] if meta and key in meta else field.contents()}
+        if len(field.types) > 1:
+            entry["sub"] = field.types[-1].name
+        keys[key] = entry
+    return {"format": 1, "keys": keys}
+
+
+def write_gguf_vocab(fields: dict[str, Any], out_dir: Path, meta: dict[str, Any] | None = None) -> None:
+    """Write :data:`GGUF_VOCAB_FILE` into ``out_dir`` (a directory being built, as for write_tokenizer)."""
+    import json
+
+    record = gguf_vocab_record(fields, meta)
+    (out_dir / GGUF_VOCAB_FILE).write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def write_tokenizer(meta: dict[str, Any], out_dir: Path, max_length: int | None = None) -> dict[str, Any]:
