@@ -114,6 +114,8 @@ class Generator:
         self.target = target
         self.formatter = formatter
         self.new_tokens = 0  # tokens generated so far (for tokens/s)
+        # When set (common.structured.constraint.use_format), answers follow a JSON schema.
+        self.constraint = None
 
     # -- prompts ---------------------------------------------------------------
 
@@ -161,6 +163,10 @@ class Generator:
         Token t+1 is predicted from position t where ``loss_mask[t+1] == 1``, as in training.
         """
         return None
+
+    def score_continuations(self, context: list[int], continuations: Sequence[list[int]]) -> list[float]:
+        """Sum of log-probs (nats) of each continuation's tokens after ``context`` (confidence of an enum field)."""
+        raise NotImplementedError(f"{self.backend} cannot score continuations")
 
     def describe(self) -> dict[str, Any]:
         """What was loaded, for reports: target, engine, files, prompt source."""
