@@ -9,6 +9,7 @@ are written as two GGUFs for Ollama's ``ADAPTER``. Outputs (default ``RUN/export
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -167,6 +168,10 @@ def run(cfg: ExportConfig) -> ExportResult:
 
     train_rows, held_rows = load_rows(src.run_config, notes)
     modelfile = write_modelfile(gguf_path, adapter_path, src, formatter, vocab.add_bos, train_rows, held_rows, notes)
+    from common.structured.ollama import export_schema, ollama_usage
+
+    run_dir = src.out_dir.parent if src.run_config else None
+    schema_file = export_schema(gguf_path.parent, run_dir, src.system, notes)
 
     report = None
     if cfg.verify:
@@ -175,6 +180,9 @@ def run(cfg: ExportConfig) -> ExportResult:
         print(f"note: {note}")
     ollama_name = slug(cfg.ollama_create or name)
     print(f"to use it in Ollama: ollama create {ollama_name} -f {modelfile}")
+    if schema_file is not None:
+        example = held_rows[0].user_text() if held_rows else "Hello"
+        print(ollama_usage(ollama_name, schema_file, json.loads(schema_file.read_text(encoding="utf-8")), example))
     if cfg.ollama_create:
         ollama_create(ollama_name, modelfile, held_rows, notes)
     return ExportResult(gguf_path, modelfile, quant, adapter_path, report, notes)

@@ -89,30 +89,37 @@ def resolve_format(spec: str | None, *, data_schema: Path | None = None, target=
 
 
 def target_schema(target) -> Path | None:
-    """The schema a target was trained for: the run's json_schema or schema.json beside its data, else
-    schema.json beside a GGUF (``llm-ft export`` writes it there)."""
+    """The schema a target was trained for: its run's (see :func:`run_schema`), else schema.json beside a
+    GGUF (``llm-ft export`` writes it there)."""
+    if target.run_dir is not None and (found := run_schema(target.run_dir)) is not None:
+        return found
+    if target.gguf_file is not None and (Path(target.gguf_file).parent / "schema.json").is_file():
+        return Path(target.gguf_file).parent / "schema.json"
+    return None
+
+
+def run_schema(run_dir: str | Path) -> Path | None:
+    """A run's schema: its config's json_schema, else schema.json beside its data (paths as train saw them,
+    relative to the working directory or to the folder holding ``runs/``)."""
     from common.data import parse_source
     from common.run_dir import RunDir
 
-    if target.run_dir is not None:
-        run_dir = Path(target.run_dir).resolve()
-        config = RunDir(run_dir).config()
-        roots = [Path.cwd(), run_dir.parent.parent]  # data paths are relative to where train ran
-        if config.get("json_schema"):
-            for root in roots:
-                p = Path(config["json_schema"])
-                p = p if p.is_absolute() else root / p
-                if p.is_file():
-                    return p
-        for spec in config.get("data") or []:
-            path, _ = parse_source(str(spec))
-            for root in roots:
-                p = path if path.is_absolute() else root / path
-                candidate = (p if p.is_dir() else p.parent) / "schema.json"
-                if candidate.is_file():
-                    return candidate
-    if target.gguf_file is not None and (Path(target.gguf_file).parent / "schema.json").is_file():
-        return Path(target.gguf_file).parent / "schema.json"
+    run_dir = Path(run_dir).resolve()
+    config = RunDir(run_dir).config()
+    roots = [Path.cwd(), run_dir.parent.parent]
+    if config.get("json_schema"):
+        for root in roots:
+            p = Path(config["json_schema"])
+            p = p if p.is_absolute() else root / p
+            if p.is_file():
+                return p
+    for spec in config.get("data") or []:
+        path, _ = parse_source(str(spec))
+        for root in roots:
+            p = path if path.is_absolute() else root / path
+            candidate = (p if p.is_dir() else p.parent) / "schema.json"
+            if candidate.is_file():
+                return candidate
     return None
 
 
