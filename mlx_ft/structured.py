@@ -36,11 +36,20 @@ def processors(constraint) -> list | None:
     return None if constraint is None else [ConstraintProcessor(constraint.batch(1))]
 
 
-def score_continuations(model, context: list[int], continuations: Sequence[list[int]]) -> list[float]:
-    """Sum of log-probs (nats) of each continuation's tokens after ``context``, in one right-padded batch
-    (no mask needed: under a causal mask the pads only follow the tokens that are scored)."""
+def score_continuations(model, context: list[int], continuations: Sequence[list[int]],
+                        end_ids: Sequence[int] | None = None) -> list[float]:
+    """Sum of log-probs (nats) of each continuation's tokens after ``context``, plus, with ``end_ids``, the
+    log of the probability that one of those tokens comes next; one right-padded batch (no mask needed:
+    under a causal mask the pads only follow the tokens that are scored)."""
     width = len(context) + max(len(c) for c in continuations)
     ids = mx.array([context + c + [0] * (width - len(context) - len(c)) for c in continuations])
     logits = model(ids)[:, len(context) - 1:].astype(mx.float32)  # only the positions that predict a continuation
-    logp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-    return [float(sum(logp[r, j, t] for j, t in enumerate(c))) for r, c in enumerate(continuations)]
+    logp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True), dtype=np.float64)
+    out = []
+    for r, c in enumerate(continuations):
+        total = float(sum(logp[r, j, t] for j, t in enumerate(c)))
+        if end_ids:
+            ends = logp[r, len(c), list(end_ids)]
+            total += float(ends.max() + np.log(np.exp(ends - ends.max()).sum()))
+        out.append(total)
+    return out

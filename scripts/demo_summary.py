@@ -64,6 +64,8 @@ def main(run: str, gguf: str, seconds: str) -> int:
         table.add_row(name, *(pct(m.get(k)) for k, _ in keys),
                       "-" if conf.get("ece") is None else f"{conf['ece']:.3f}", pct(at90))
     console = Console()
+    if not console.is_terminal:  # a log file: keep the table's rows on one line each
+        console = Console(width=200)
     console.print(table)
     console.print(f"training: {summary.get('steps')} steps, {summary.get('tokens_per_s')} tokens/s, "
                   f"{summary.get('train_time_s')} s; whole demo after set-up: {seconds} s")

@@ -262,3 +262,77 @@ def test_classify_and_threshold(run_root, tmp_path, monkeypatch):
     assert value == "set_timer" and 0.5 < p <= 1 and answer["intent"] == "set_timer"
     assert all(v in schema["properties"]["intent"]["enum"] for v, _, _ in free)
     assert held[0][0] == "unknown" and held[0][2]["intent"] == "unknown" and held[0][1] < 0.5
+
+
+# ---------------------------------------------------------------------------
+# export: the schema beside the Modelfile, the Ollama requests; the demo's table
+
+
+def test_export_writes_schema_and_warns_when_the_prompt_does_not_name_it(tmp_path, capsys):
+    from common.structured.ollama import export_schema, ollama_usage
+
+    schema = json.loads(Path("data/schema.json").read_text())
+    run = tmp_path / "runs" / "r"
+    (run / "adapter").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "schema.json").write_text(json.dumps(schema))
+    (run / "config.json").write_text(json.dumps({"data": [str(tmp_path / "data")], "base_model": {"path": "x"}}))
+    notes: list[str] = []
+    out = export_schema(run / "export", run, 'Reply with {"intent": ..., "slots": {...}}', notes)
+    assert out == run / "export" / "schema.json" and json.loads(out.read_text()) == schema and notes == []
+    export_schema(run / "export", run, "You are helpful.", notes)
+    assert len(notes) == 1 and "intent, slots" in notes[0]
+    usage = ollama_usage("intent", out, schema, "set a timer for 5 minutes")
+    lines = usage.splitlines()
+    assert lines[1].strip() == f"ollama run intent --format \"$(cat {out})\" 'set a timer for 5 minutes'"
+    body = json.loads(lines[3])
+    assert body["format"] == schema and body["model"] == "intent" and body["stream"] is False
+
+
+def test_demo_summary_has_free_and_constrained_rows(tmp_path, capsys):
+    import importlib.util
+
+    def metrics(**m):
+        base = {"n": 10, "parse_rate": 1.0, "schema_valid_rate": 0.95, "exact_match": 0.7, "intent_accuracy": 0.95,
+                "intent_macro_f1": 0.9, "field_accuracy": 0.8}
+        return {**base, **m}
+
+    def write(path, free, constrained=None):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        result = {"metrics": free}
+        if constrained:
+            result["constrained"] = {"metrics": constrained, "confidence": {
+                "ece": 0.05, "at_coverage": [{"coverage": 0.9, "accuracy": 0.99}]}}
+        path.write_text(json.dumps(result))
+
+    write(tmp_path / "eval-base" / "metrics.json", metrics(intent_accuracy=0.1))
+    write(tmp_path / "eval" / "metrics.json", metrics(), metrics(schema_valid_rate=1.0, exact_match=0.75))
+    write(tmp_path / "export" / "eval-gguf" / "metrics.json", metrics(), metrics(schema_valid_rate=1.0))
+    (tmp_path / "summary.json").write_text("{}")
+    spec = importlib.util.spec_from_file_location("demo_summary", "scripts/demo_summary.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(str(tmp_path), "model.gguf", "1") == 0
+    out = capsys.readouterr().out
+    assert "fine-tuned + format" in out and "GGUF + format" in out and "0.050" in out and "99.0%" in out
+    write(tmp_path / "export" / "eval-gguf" / "metrics.json", metrics(), metrics(schema_valid_rate=0.99))
+    assert mod.main(str(tmp_path), "model.gguf", "1") == 1  # constrained answers must all be valid
+
+
+@pytest.mark.torch
+def test_chat_one_shot_with_format_shows_top3(run_root, monkeypatch, capsys):
+    pytest.importorskip("llguidance")
+    from common.chat import main
+
+    root, run, _ = run_root
+    monkeypatch.chdir(root)  # the run's data (and so its schema.json) resolve here
+    assert main([str(run), "--prompt", "play some jazz", "--format", "schema", "--backend", "torch"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {"intent": "play_music", "slots": {"genre": "jazz"}}
+    top = captured.err.split("intent: ", 1)[1].splitlines()[0]
+    # The three likeliest values with their probabilities (a barely trained tiny model spreads its
+    # probability: 'play_music' is 8 tokens long in its vocabulary, 'set_timer' 3).
+    assert top.count("%") == 3 and len(top.split(", ")) == 3
+    # --threshold needs a fallback value, which this schema's enum lacks: one clear line, exit 2.
+    assert main([str(run), "--prompt", "x", "--format", "schema", "--threshold", "0.5", "--backend", "torch"]) == 2
+    assert "no fallback value" in capsys.readouterr().err

@@ -38,9 +38,10 @@ def processors(constraint, rows: int):
     return LogitsProcessorList([ConstraintProcessor(constraint.batch(rows))])
 
 
-def score_continuations(model, device, context: list[int], continuations: Sequence[list[int]],
-                        pad_id: int) -> list[float]:
-    """Sum of log-probs (nats) of each continuation's tokens after ``context``, in one right-padded batch."""
+def score_continuations(model, device, context: list[int], continuations: Sequence[list[int]], pad_id: int,
+                        end_ids: Sequence[int] | None = None) -> list[float]:
+    """Sum of log-probs (nats) of each continuation's tokens after ``context``, plus, with ``end_ids``, the
+    log of the probability that one of those tokens comes next; one right-padded batch."""
     width = len(context) + max(len(c) for c in continuations)
     rows = [context + c + [pad_id] * (width - len(context) - len(c)) for c in continuations]
     ids = torch.tensor(rows, device=device)
@@ -49,5 +50,10 @@ def score_continuations(model, device, context: list[int], continuations: Sequen
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=attn).logits[:, len(context) - 1:].float()
     logp = torch.log_softmax(logits, dim=-1)  # row j predicts continuation token j
-    return [float(logp[r, torch.arange(len(c), device=device), torch.tensor(c, device=device)].sum())
-            for r, c in enumerate(continuations)]
+    out = []
+    for r, c in enumerate(continuations):
+        total = logp[r, torch.arange(len(c), device=device), torch.tensor(c, device=device)].sum()
+        if end_ids:
+            total = total + torch.logsumexp(logp[r, len(c), torch.tensor(list(end_ids), device=device)], dim=0)
+        out.append(float(total))
+    return out

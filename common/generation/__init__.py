@@ -164,8 +164,10 @@ class Generator:
         """
         return None
 
-    def score_continuations(self, context: list[int], continuations: Sequence[list[int]]) -> list[float]:
-        """Sum of log-probs (nats) of each continuation's tokens after ``context`` (confidence of an enum field)."""
+    def score_continuations(self, context: list[int], continuations: Sequence[list[int]],
+                            end_ids: Sequence[int] | None = None) -> list[float]:
+        """Sum of log-probs (nats) of each continuation's tokens after ``context``, plus the log-probability that
+        one of ``end_ids`` comes next (the confidence of an enum field: see common.structured.confidence)."""
         raise NotImplementedError(f"{self.backend} cannot score continuations")
 
     def describe(self) -> dict[str, Any]:

@@ -98,10 +98,11 @@ class TorchGenerator(Generator):
 
         return processors(self.constraint, rows)
 
-    def score_continuations(self, context: list[int], continuations: Sequence[list[int]]) -> list[float]:
+    def score_continuations(self, context: list[int], continuations: Sequence[list[int]],
+                            end_ids: Sequence[int] | None = None) -> list[float]:
         from torch_ft.structured import score_continuations
 
-        return score_continuations(self.model, self.device, context, continuations, self.pad_id)
+        return score_continuations(self.model, self.device, context, continuations, self.pad_id, end_ids)
 
     def _cut(self, new_ids: list[int]) -> list[int]:
         stops = set(self.stop_ids)

@@ -127,10 +127,11 @@ class LlamaGenerator(Generator):
                 break
         return decoder.text()
 
-    def score_continuations(self, context: list[int], continuations: Sequence[list[int]]) -> list[float]:
+    def score_continuations(self, context: list[int], continuations: Sequence[list[int]],
+                            end_ids: Sequence[int] | None = None) -> list[float]:
         from common.structured.llama_cpp import score_continuations
 
-        return score_continuations(self, context, continuations)
+        return score_continuations(self, context, continuations, end_ids)
 
     def loss(self, examples: Sequence[Example]) -> tuple[float, int] | None:
         import numpy as np

@@ -64,10 +64,11 @@ class MLXGenerator(Generator):
         self.new_tokens += last.generation_tokens
         return "".join(pieces)
 
-    def score_continuations(self, context: list[int], continuations: Sequence[list[int]]) -> list[float]:
+    def score_continuations(self, context: list[int], continuations: Sequence[list[int]],
+                            end_ids: Sequence[int] | None = None) -> list[float]:
         from mlx_ft.structured import score_continuations
 
-        return score_continuations(self.model, context, continuations)
+        return score_continuations(self.model, context, continuations, end_ids)
 
     def loss(self, examples: Sequence[Example], batch_size: int = 8) -> tuple[float, int] | None:
         import mlx.core as mx

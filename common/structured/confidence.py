@@ -1,11 +1,12 @@
 """A classifier's confidence from the model itself: the probability of each allowed enum value.
 
 Not sampled: for the JSON written so far up to the value's opening quote (``{"intent": "``),
-each allowed value's tokens and its closing quote are scored in one pass of the model, and
-``P(value) = exp(logp(value)) / sum over allowed values``. That is the model's own
-distribution conditioned on the answer being one of the values the schema allows; the
-closing quote keeps a value that is a prefix of another (``on``/``online``) apart. The parts
-of the token sequences all values share are scored once and cancel.
+each allowed value's tokens, then the string's end (any token starting with ``"``), are scored
+in one pass of the model, and ``P(value) = exp(logp(value)) / sum over allowed values``. That
+is the model's own distribution conditioned on the answer being one of the values the schema
+allows; the end of the string keeps a value that is a prefix of another (``on``/``online``)
+apart. The parts of the token sequences all values share are scored once and cancel. (A value
+is scored along its canonical tokenization, the one training used.)
 
 Engines provide ``score_continuations(context_ids, continuations) -> [sum of log-probs]``.
 """
@@ -59,16 +60,35 @@ def normalise(logps: Sequence[float]) -> list[float]:
     return [w / total for w in weights]
 
 
+def quote_ids(gen) -> list[int]:
+    """Ids of the tokens whose text starts with ``"`` (the end of a JSON string: ``"``, ``",``, ``"}}``...),
+    found once per generator."""
+    cached = getattr(gen, "_quote_ids", None)
+    if cached is None:
+        tok = gen.formatter.tokenizer
+        n = len(tok) if hasattr(tok, "__len__") else tok.llm.n_vocab()
+        if hasattr(tok, "batch_decode"):
+            texts = tok.batch_decode([[i] for i in range(n)])
+        else:
+            texts = [tok.decode([i]) for i in range(n)]
+        cached = gen._quote_ids = [i for i, t in enumerate(texts) if t.startswith('"')]
+    return cached
+
+
 def enum_distribution(gen, prompt_ids: list[int], answer: str, enum: EnumField) -> dict[str, float]:
-    """``{value: probability}`` for every allowed value, highest first, given the answer's prefix."""
+    """``{value: probability}`` for every allowed value, highest first, given the answer's prefix.
+
+    A value's score is log P(its tokens) + log P(the next token starts with ``"``): the closing quote
+    is usually merged with what follows it (``",`` or ``"}``), so no single quote token is scored.
+    """
     prefix = value_prefix(answer, enum.key)
     encode = gen.formatter.tokenizer.encode
-    seqs = [list(encode(prefix + json.dumps(v, ensure_ascii=False)[1:], add_special_tokens=False))
+    seqs = [list(encode(prefix + json.dumps(v, ensure_ascii=False)[1:-1], add_special_tokens=False))
             for v in enum.values]
     shared = common_prefix(seqs)
     if shared == min(len(s) for s in seqs):  # one value's tokens end inside another's: keep one token apart
         shared = max(0, shared - 1)
-    logps = gen.score_continuations(prompt_ids + seqs[0][:shared], [s[shared:] for s in seqs])
+    logps = gen.score_continuations(prompt_ids + seqs[0][:shared], [s[shared:] for s in seqs], quote_ids(gen))
     probs = normalise(logps)
     return dict(sorted(zip(enum.values, probs, strict=True), key=lambda kv: -kv[1]))
 

@@ -26,22 +26,29 @@ def scoring_context(gen, need: int):
     return llm
 
 
-def score_continuations(gen, context: list[int], continuations: Sequence[list[int]]) -> list[float]:
-    """Sum of log-probs (nats) of each continuation's tokens after ``context``."""
+def score_continuations(gen, context: list[int], continuations: Sequence[list[int]],
+                        end_ids: Sequence[int] | None = None) -> list[float]:
+    """Sum of log-probs (nats) of each continuation's tokens after ``context``, plus, with ``end_ids``, the
+    log of the probability that one of those tokens comes next."""
     import numpy as np
+
+    def logp(row) -> np.ndarray:
+        row = np.asarray(row, dtype=np.float64)
+        top = row.max()
+        return row - (top + np.log(np.exp(row - top).sum()))
 
     llm = scoring_context(gen, len(context) + max(len(c) for c in continuations))
     llm.reset()
     llm.eval(context)
-    last = np.asarray(llm.scores[len(context) - 1], dtype=np.float64)  # predicts each continuation's first token
+    first = logp(llm.scores[len(context) - 1])  # predicts each continuation's first token
     out = []
     for c in continuations:
         llm.n_tokens = len(context)  # eval() drops the cache past n_tokens before it appends
-        if len(c) > 1:
-            llm.eval(c[:-1])
-        rows = np.vstack([last[None, :], np.asarray(llm.scores[len(context): len(context) + len(c) - 1],
-                                                     dtype=np.float64)])
-        top = rows.max(axis=1, keepdims=True)
-        lse = top[:, 0] + np.log(np.exp(rows - top).sum(axis=1))
-        out.append(float((rows[np.arange(len(c)), c] - lse).sum()))
+        llm.eval(c)
+        rows = [first] + [logp(llm.scores[len(context) + j]) for j in range(len(c))]
+        total = sum(rows[j][t] for j, t in enumerate(c))
+        if end_ids:
+            ends = rows[len(c)][list(end_ids)]
+            total += ends.max() + np.log(np.exp(ends - ends.max()).sum())
+        out.append(float(total))
     return out
