@@ -9,7 +9,8 @@ Prompts: the first ``--rows`` rows of data/test.jsonl with ./system_prompt.txt; 
 Per engine and mode, one warm-up answer, then every row answered greedily one at a time:
 tokens/s = generated tokens / generation seconds; classifications/s = rows / seconds, where a
 constrained classification includes the enum field's exact probabilities (one scoring pass per row).
-Target: the constraint costs <= 15% of llama.cpp's tokens/s.
+Target: the constraint costs <= 15% of llama.cpp's tokens/s. Use a trained run (``--run``): the untrained
+default model rambles inside JSON strings until the token limit, so its answers are long and cut off.
 
 Writes ``bench/results/structured/cpu_structured.json`` (outside the folder RESULTS.md is generated
 from) and prints a markdown table.
