@@ -39,6 +39,10 @@ class ChatConfig:
                                                   "auto = the run's backend, else MLX on Apple Silicon, else torch")
     tokenizer: str | None = opt(None, "Hugging Face tokenizer directory whose chat template renders prompts for a GGUF")
     n_ctx: int = opt(4096, "llama.cpp context length in tokens", min=1)
+    format: str | None = opt(None, "answer in a JSON schema, as Ollama's format does: 'schema' (the run's schema, "
+                             "or export/schema.json beside a GGUF) or a .json file; shows the enum field's top 3 values")
+    threshold: float | None = opt(None, "with --format: an enum value below this probability becomes the schema's "
+                                        "fallback value (e.g. unknown)", min=0, max=1)
 
 
 class ChatSession:
@@ -48,6 +52,7 @@ class ChatSession:
         self.gen, self.cfg, self.out, self.ui = generator, cfg, out, ui
         self.history: list[dict[str, str]] = []
         self.turns = 0  # answers given in this session (a seed per turn keeps sampling varied yet reproducible)
+        self.fmt = None  # common.structured.AnswerFormat when answers follow a schema (--format)
 
     def reply(self, text: str) -> str:
         """Answer one user message, streaming it to ``out``; the exchange joins the history."""
@@ -60,7 +65,10 @@ class ChatSession:
         try:
             answer = self.gen.generate(self.history, max_new_tokens=self.cfg.max_new_tokens,
                                        temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                                       seed=self.cfg.seed + self.turns, stream=show)
+                                       seed=self.cfg.seed + self.turns, stream=None if self.fmt else show)
+            if self.fmt is not None:  # the answer is shown once its confidence (and any fallback) is known
+                answer = self.structured(answer)
+                show(answer)
         except BaseException:
             self.history.pop()  # a failed or interrupted turn leaves no half exchange behind
             raise
@@ -69,6 +77,17 @@ class ChatSession:
         self.history.append({"role": "assistant", "content": answer})
         self.turns += 1
         return answer
+
+    def structured(self, answer: str) -> str:
+        """The answer after --threshold, with the enum field's top 3 values on the terminal (not stdout)."""
+        from rich.markup import escape
+
+        from common.structured.classify import confidence_line
+
+        text, line = confidence_line(self.gen, self.history, answer, self.fmt, self.cfg.threshold)
+        if line:
+            self.ui.print(f"[dim]{escape(line)}[/]")
+        return text
 
     def handle(self, line: str) -> bool:
         """One line of input: a command or a message. False when the user asked to leave."""
@@ -110,6 +129,11 @@ def run(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = No
                          tokenizer=cfg.tokenizer, n_ctx=cfg.n_ctx)
     try:
         session = ChatSession(gen, cfg, stdout, ui)
+        from common.structured.classify import setup_format
+
+        session.fmt = setup_format(gen, cfg.format, cfg.threshold)
+        for note in session.fmt.notes if session.fmt else []:
+            ui.print(f"[yellow]note:[/] {escape(note)}")
         if cfg.prompt is not None:
             session.reply(cfg.prompt)
             return 0

@@ -54,6 +54,10 @@ class ServeConfig:
     top_p: float = opt(1.0, "the page's initial top-p (nucleus sampling; used when temperature > 0)", gt=0,
                        max=1)
     n_ctx: int = opt(4096, "context length for a .gguf target (llama.cpp), in tokens", min=16)
+    format: str | None = opt(None, "answer in a JSON schema, as Ollama's format does: 'schema' (the run's schema, "
+                             "or export/schema.json beside a GGUF) or a .json file; shows the enum field's top 3 values")
+    threshold: float | None = opt(None, "with --format: an enum value below this probability becomes the schema's "
+                                        "fallback value (e.g. unknown)", min=0, max=1)
 
 
 # ---------------------------------------------------------------------------
@@ -202,6 +206,18 @@ class Models:
             run_dir = Path(self.target.run_dir).resolve()
             self.schema_path = run_schema_path(RunDir(run_dir).config(), root=run_dir.parent.parent)
         self.schema = load_schema(self.schema_path) if self.schema_path else None
+        from common.structured.classify import setup_format
+
+        self.fmt = setup_format(self.main, cfg.format, cfg.threshold, data_schema=self.schema_path)
+        if self.fmt is not None and self.schema is None:
+            self.schema_path, self.schema = self.fmt.path, self.fmt.schema
+
+    def structured(self, messages: list[dict], answer: str) -> tuple[str, str]:
+        """(the answer after --threshold, a markdown line with the enum field's top 3 values) under --format."""
+        from common.structured.classify import confidence_line
+
+        with self.lock:
+            return confidence_line(self.main, messages, answer, self.fmt, self.cfg.threshold, code="`")
 
     def base_generator(self):
         """The run's base model alone (same tokenizer, template and engine), loaded on first use."""
@@ -368,9 +384,14 @@ def build_app(models: Models, cfg: ServeConfig):
                         shown[message] = text
                     yield fail(problem, shown)
                     break
+                top3 = ""
+                if state is history and models.fmt is not None:
+                    answer, top3 = models.structured(prefix + seen + [user], answer)
+                    done[box] = display([*seen, user, {"role": "assistant", "content": answer}])
                 done[state] = [*seen, user, {"role": "assistant", "content": answer}]
                 if state is history:
                     pretty, verdict = json_verdict(answer, models.schema)
+                    verdict = "\n\n".join(x for x in (verdict, top3) if x)
                     done.update({json_box: gr.Column(visible=json_task or pretty is not None),
                                  json_view: pretty or "", json_verdict_md: verdict or ""})
             else:

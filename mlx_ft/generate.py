@@ -54,8 +54,11 @@ class MLXGenerator(Generator):
         wrapper = TokenizerWrapper(self.tokenizer, eos_token_ids=self.stop_ids)
         # top_p 1.0 keeps every token; mlx-lm spells "off" as 0.
         sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1.0 else 0.0)
+        from mlx_ft.structured import processors
+
         pieces = []
-        for response in stream_generate(self.model, wrapper, prompt_ids, max_tokens=max_new_tokens, sampler=sampler):
+        for response in stream_generate(self.model, wrapper, prompt_ids, max_tokens=max_new_tokens, sampler=sampler,
+                                        logits_processors=processors(self.constraint)):
             if response.text:
                 pieces.append(response.text)
                 if stream is not None:
@@ -63,6 +66,12 @@ class MLXGenerator(Generator):
             last = response
         self.new_tokens += last.generation_tokens
         return "".join(pieces)
+
+    def score_continuations(self, context: list[int], continuations: Sequence[list[int]],
+                            end_ids: Sequence[int] | None = None) -> list[float]:
+        from mlx_ft.structured import score_continuations
+
+        return score_continuations(self.model, context, continuations, end_ids)
 
     def loss(self, examples: Sequence[Example], batch_size: int = 8) -> tuple[float, int] | None:
         import mlx.core as mx

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: fine-tune the embedded SmolLM2-135M-Instruct on data/ and ship it.
 # check-data -> eval of the base model -> train -> eval of the run -> export (GGUF +
-# Modelfile, verified in llama.cpp) -> eval of the GGUF -> before/after table.
+# Modelfile, verified in llama.cpp) -> eval of the GGUF -> before/after table. The run and the GGUF are
+# evaluated twice: free decoding, and decoding constrained to data/schema.json (Ollama's format).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LLM_FT=".venv/bin/llm-ft"
@@ -18,14 +19,14 @@ $LLM_FT eval default --data data/test.jsonl --out "$RUN/eval-base" --no-loss
 step "3/6 fine-tune (LoRA, default settings) into $RUN"
 $LLM_FT train --model default --data data --out "$RUN"
 
-step "4/6 evaluate the run (base + adapter)"
-$LLM_FT eval "$RUN" --data data/test.jsonl --no-loss
+step "4/6 evaluate the run (base + adapter), free and schema-constrained decoding"
+$LLM_FT eval "$RUN" --data data/test.jsonl --no-loss --format schema
 
 step "5/6 export a GGUF + Modelfile and verify it in llama.cpp"
 $LLM_FT export "$RUN"
 GGUF=$(ls -t "$RUN"/export/*.gguf | head -1)
 
-step "6/6 evaluate the exported GGUF through llama.cpp"
-$LLM_FT eval "$GGUF" --data data/test.jsonl --no-loss --out "$RUN/export/eval-gguf"
+step "6/6 evaluate the exported GGUF through llama.cpp, free and with Ollama's format (the schema)"
+$LLM_FT eval "$GGUF" --data data/test.jsonl --no-loss --format schema --out "$RUN/export/eval-gguf"
 
 .venv/bin/python scripts/demo_summary.py "$RUN" "$GGUF" "$(( $(date +%s) - START ))"

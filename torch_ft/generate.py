@@ -90,6 +90,17 @@ class TorchGenerator(Generator):
                                 temperature=temperature if sample else None, top_p=top_p if sample else None,
                                 top_k=None, eos_token_id=self.stop_ids or None, pad_token_id=self.pad_id)
 
+    def _constrain(self, rows: int):
+        from torch_ft.structured import processors
+
+        return processors(self.constraint, rows)
+
+    def score_continuations(self, context: list[int], continuations: Sequence[list[int]],
+                            end_ids: Sequence[int] | None = None) -> list[float]:
+        from torch_ft.structured import score_continuations
+
+        return score_continuations(self.model, self.device, context, continuations, self.pad_id, end_ids)
+
     def _cut(self, new_ids: list[int]) -> list[int]:
         stops = set(self.stop_ids)
         for i, t in enumerate(new_ids):
@@ -113,7 +124,7 @@ class TorchGenerator(Generator):
         ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         torch.manual_seed(seed)
-        out = self.model.generate(input_ids=ids, attention_mask=mask,
+        out = self.model.generate(input_ids=ids, attention_mask=mask, logits_processor=self._constrain(len(batch)),
                                   generation_config=self._gen_config(max_new_tokens, temperature, top_p))
         answers = []
         for row in out[:, width:].tolist():
@@ -130,7 +141,8 @@ class TorchGenerator(Generator):
         cfg = self._gen_config(max_new_tokens, temperature, top_p)
         torch.manual_seed(seed)
         if stream is None:
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg,
+                                      logits_processor=self._constrain(1))
             row = out[0, len(prompt_ids):].tolist()
             new = self._cut(row)
             self.new_tokens += len(row)
@@ -143,7 +155,8 @@ class TorchGenerator(Generator):
         def work():
             try:
                 result["out"] = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                                    generation_config=cfg, streamer=streamer)
+                                                    generation_config=cfg, streamer=streamer,
+                                                    logits_processor=self._constrain(1))
             except BaseException as exc:  # re-raised in the caller's thread
                 result["error"] = exc
                 streamer.end()

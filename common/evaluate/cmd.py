@@ -49,6 +49,11 @@ class EvalConfig:
     task: Literal["auto", "json", "text"] = opt("auto", "how to score answers; auto = json when --json-schema is "
                                                 "given or every expected answer parses as JSON, else text")
     json_schema: str | None = opt(None, "JSON schema answers must satisfy (default: schema.json beside the data)")
+    format: str | None = opt(None, "also decode under a JSON schema, as Ollama's format does, and report free and "
+                             "constrained decoding side by side, with the enum field's confidence and calibration: "
+                             "'schema' (the data's schema.json) or a .json file")
+    threshold: float | None = opt(None, "with --format: also score the answers with an enum value below this "
+                                        "probability turned into the schema's fallback value (e.g. unknown)")
     system_prompt_file: str | None = opt(None, "system prompt for targets without their own (runs use theirs); "
                                             "default: the evaluated run's, else ./system_prompt.txt if present; "
                                             "'' for none")
@@ -182,7 +187,7 @@ def eval_loss(gen, rows: list[Row]) -> tuple[float | None, float | None, int, st
 
 
 def evaluate_target(target, cfg: EvalConfig, rows: list[Row], task: str, schema: dict | None,
-                    default_prompt: str | None, data_path: Path, out_dir: Path) -> dict[str, Any]:
+                    default_prompt: str | None, data_path: Path, out_dir: Path, fmt=None) -> dict[str, Any]:
     """Load one target, generate, score, and write metrics.json (+ errors.jsonl, confusion.png) to ``out_dir``."""
     from rich.console import Console
 
@@ -204,6 +209,13 @@ def evaluate_target(target, cfg: EvalConfig, rows: list[Row], task: str, schema:
         produced = generate_all(gen, [pairs[i][0] for i in chosen], cfg, target.name)
         seconds = time.perf_counter() - t0
         new_tokens = gen.new_tokens - before
+        structured = None
+        if fmt is not None and task == "json":  # the same rows again, decoded under the schema
+            from common.structured.evaluate import constrained_eval
+
+            structured = constrained_eval(gen, [pairs[i][0] for i in chosen], [pairs[i][1] for i in chosen], fmt,
+                                          schema, lambda g, p: generate_all(g, p, cfg, f"{target.name}, --format"),
+                                          out_dir, target.name, cfg.threshold)
         loss, ppl, loss_tokens, loss_note = eval_loss(gen, rows) if cfg.loss else (None, None, 0, "not computed")
         describe = gen.describe()
     finally:
@@ -243,10 +255,16 @@ def evaluate_target(target, cfg: EvalConfig, rows: list[Row], task: str, schema:
         result["loss_note"] = loss_note
     result["samples"] = [{"prompt": rows[i].user_text(), "expected": pairs[i][1], "produced": answer}
                          for i, answer in list(zip(chosen, produced, strict=True))[: cfg.samples]]
+    if structured is not None:
+        result["constrained"] = structured
     result["out_dir"] = str(out_dir)
     io.write_json(out_dir / "metrics.json", result)
 
     console.print(report.metrics_table(result))
+    if structured is not None:
+        console.print(report.decoding_table(result))
+        for note in structured["notes"]:
+            console.print(f"[yellow]note:[/] {note}; every answer is still checked against the whole schema")
     if "confusion" in result and len(result["confusion"]["labels"]) <= 20:
         console.print(report.confusion_table(result["confusion"]["labels"], result["confusion"]["matrix"]))
     if task == "text":
@@ -270,7 +288,14 @@ def run(cfg: EvalConfig) -> int:
     rows = load_rows(data_path, cfg.limit)
     schema_path = find_schema([str(data_path)], cfg.json_schema)
     schema = load_schema(schema_path).schema if schema_path else None
-    task = choose_task(cfg, rows, data_path, explicit_schema=bool(cfg.json_schema))
+    from common.structured.classify import check_threshold
+    from common.structured.schema import resolve_format
+
+    fmt = resolve_format(cfg.format, data_schema=schema_path, target=targets[0])
+    check_threshold(cfg.threshold, fmt)
+    if schema is None and fmt is not None:  # --format FILE with no schema beside the data: score against it
+        schema = fmt.schema
+    task = choose_task(cfg, rows, data_path, explicit_schema=bool(cfg.json_schema or cfg.format))
     if task == "text":
         schema = None
     default_prompt = system_prompt_for(cfg, targets[0])
@@ -281,11 +306,11 @@ def run(cfg: EvalConfig) -> int:
         while d.resolve() in [o.resolve() for o in out_dirs]:  # two targets of the same name
             d = d.with_name(d.name + "-2")
         out_dirs.append(d)
-    results = [evaluate_target(t, cfg, rows, task, schema, default_prompt, data_path, d)
+    results = [evaluate_target(t, cfg, rows, task, schema, default_prompt, data_path, d, fmt)
                for t, d in zip(targets, out_dirs, strict=True)]
     if cfg.compare:
-        table_rows = [report.compare_row(result, RunDir(t.run_dir).summary() if t.kind == "run" else {})
-                      for t, result in zip(targets, results, strict=True)]
+        table_rows = [row for t, result in zip(targets, results, strict=True)
+                      for row in report.compare_rows(result, RunDir(t.run_dir).summary() if t.kind == "run" else {})]
         settings = (f"{len(rows)} rows, greedy" if cfg.temperature == 0 else f"{len(rows)} rows, "
                     f"temperature {cfg.temperature}, top-p {cfg.top_p}, seed {cfg.seed}")
         md = report.compare_markdown(table_rows, data=str(data_path), settings=settings)

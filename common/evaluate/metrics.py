@@ -169,8 +169,11 @@ def json_report(expected_texts: Sequence[str], produced_texts: Sequence[str | No
     }
     if schema is not None:
         metrics["schema_valid_rate"] = sum(bool(x["schema_valid"]) for x in examples) / n if n else 0.0
-    report: dict[str, Any] = {"metrics": metrics, "per_field": field_accuracy(expected, predicted),
-                              "examples": examples}
+    per_field = field_accuracy(expected, predicted)
+    support = sum(v["support"] for v in per_field.values())
+    # Micro-average over every field of every answer (a nested object and each of its keys count).
+    metrics["field_accuracy"] = sum(v["correct"] for v in per_field.values()) / support if support else None
+    report: dict[str, Any] = {"metrics": metrics, "per_field": per_field, "examples": examples}
     if n and all(isinstance(e, dict) and isinstance(e.get(label_key), str) for e in expected):
         gold = [e[label_key] for e in expected]
         guess = [label_of(v, ok, label_key) for ok, v in parsed]

@@ -11,9 +11,10 @@ from common import io
 
 # (column title, key in a comparison row, format)
 COMPARE_COLUMNS: list[tuple[str, str, str]] = [
-    ("target", "name", "s"), ("kind", "kind", "s"), ("engine", "backend", "s"), ("n", "n", "d"),
-    ("parse", "parse_rate", "%"), ("schema", "schema_valid_rate", "%"), ("exact", "exact_match", "%"),
-    ("intent acc", "intent_accuracy", "%"), ("intent F1", "intent_macro_f1", "3"),
+    ("target", "name", "s"), ("kind", "kind", "s"), ("engine", "backend", "s"), ("decoding", "decoding", "s"),
+    ("n", "n", "d"), ("parse", "parse_rate", "%"), ("schema", "schema_valid_rate", "%"), ("exact", "exact_match", "%"),
+    ("intent acc", "intent_accuracy", "%"), ("intent F1", "intent_macro_f1", "3"), ("field acc", "field_accuracy", "%"),
+    ("ECE", "ece", "3"), ("acc@90%", "acc_at_90", "%"),
     ("eval loss", "eval_loss", "4"), ("ppl", "perplexity", "2"), ("gen tok/s", "gen_tokens_per_s", "1"),
     ("train time", "train_time_s", "t"), ("peak mem", "peak_memory_bytes", "b"), ("train tok/s", "train_tokens_per_s", "1"),
 ]
@@ -57,6 +58,57 @@ def compare_row(result: dict[str, Any], summary: dict[str, Any] | None = None) -
     }
 
 
+def constrained_row(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``--format`` half of an evaluation as a comparison row (None without one)."""
+    c = result.get("constrained")
+    if not c:
+        return None
+    m, gen = c["metrics"], result.get("generator", {})
+    conf = c.get("confidence") or {}
+    at90 = next((a for a in conf.get("at_coverage", []) if a["coverage"] == 0.9), {})
+    key = conf.get("field", "intent")
+    return {"name": gen.get("name", result.get("target")), "kind": gen.get("kind"), "backend": gen.get("backend"),
+            "decoding": "format", "n": m.get("n"), "parse_rate": m.get("parse_rate"),
+            "schema_valid_rate": m.get("schema_valid_rate"), "exact_match": m.get("exact_match"),
+            "intent_accuracy": m.get(f"{key}_accuracy"), "intent_macro_f1": m.get(f"{key}_macro_f1"),
+            "field_accuracy": m.get("field_accuracy"), "ece": conf.get("ece"), "acc_at_90": at90.get("accuracy"),
+            "gen_tokens_per_s": c.get("timing", {}).get("tokens_per_s")}
+
+
+def compare_rows(result: dict[str, Any], summary: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row for free decoding, and one for ``--format`` when it was evaluated."""
+    free = compare_row(result, summary)
+    constrained = constrained_row(result)
+    if constrained is None:
+        return [free]
+    free["decoding"] = "free"
+    return [free, constrained]
+
+
+def decoding_table(result: dict[str, Any]):
+    """Free and constrained decoding side by side (and the --threshold row when there is one)."""
+    from rich.table import Table
+
+    rows = compare_rows(result)
+    t = (result.get("constrained") or {}).get("thresholded")
+    if t:
+        m = t["metrics"]
+        rows.append({"decoding": f"format, p<{t['threshold']:g} -> fallback ({t['fallbacks']})",
+                     "parse_rate": m.get("parse_rate"), "schema_valid_rate": m.get("schema_valid_rate"),
+                     "exact_match": m.get("exact_match"), "intent_accuracy": m.get("intent_accuracy"),
+                     "intent_macro_f1": m.get("intent_macro_f1"), "field_accuracy": m.get("field_accuracy")})
+    keep = ("decoding", "parse_rate", "schema_valid_rate", "intent_accuracy", "intent_macro_f1", "field_accuracy",
+            "exact_match", "ece", "acc_at_90")
+    cols = [c for c in COMPARE_COLUMNS if c[1] in keep and any(r.get(c[1]) is not None for r in rows)]
+    cols.sort(key=lambda c: keep.index(c[1]))
+    table = Table(title=f"free vs constrained decoding ({result.get('generator', {}).get('name')})")
+    for title, _, kind in cols:
+        table.add_column(title, justify="left" if kind == "s" else "right")
+    for r in rows:
+        table.add_row(*(fmt(r.get(key), kind) for _, key, kind in cols))
+    return table
+
+
 def _used_columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
     # Drop columns no row has a value for (a free-text split has no intent, base models no training time).
     return [c for c in COMPARE_COLUMNS if c[1] == "name" or any(r.get(c[1]) is not None for r in rows)]
@@ -97,7 +149,7 @@ def metrics_table(result: dict[str, Any]):
     table.add_column("value", justify="right")
     rows = [("parse rate", "parse_rate", "%"), ("schema valid", "schema_valid_rate", "%"),
             ("exact match", "exact_match", "%"), ("intent accuracy", "intent_accuracy", "%"),
-            ("intent macro-F1", "intent_macro_f1", "3"), ("eval loss (nats/token)", "eval_loss", "4"),
+            ("intent macro-F1", "intent_macro_f1", "3"), ("field accuracy", "field_accuracy", "%"), ("eval loss (nats/token)", "eval_loss", "4"),
             ("perplexity", "perplexity", "2")]
     for title, key, kind in rows:
         if m.get(key) is not None:

@@ -15,6 +15,7 @@ leaves the published files as they were.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -168,7 +169,7 @@ class Staging:
     def keep_failed(self) -> Path:
         old = self.failed_dir
         if old.exists():  # the previous failed export (ours: it has only our file names) makes way
-            shutil.rmtree(old) if all(p.suffix == ".gguf" or p.name in ("Modelfile", "verify.json")
+            shutil.rmtree(old) if all(p.suffix == ".gguf" or p.name in ("Modelfile", "verify.json", "schema.json")
                                       for p in old.iterdir()) else os.replace(old, f"{old}-{int(time.time())}")
         os.replace(self.dir, old)
         return old
@@ -223,12 +224,13 @@ def run(cfg: ExportConfig) -> ExportResult:
     with _run_lock(src, in_run):
         stage = Staging(gguf_path)
         try:
-            report, modelfile, held_rows = _build(cfg, src, merged, hp, spec, quant, name, stage, notes,
+            report, modelfile, held_rows, schema_file = _build(cfg, src, merged, hp, spec, quant, name, stage, notes,
                                                   stage.staged(gguf_path), stage.staged(adapter_path), adapter)
             published = report is None or report.passed or cfg.force
             if published:
                 stage.publish()
                 modelfile = gguf_path.with_name(modelfile.name)
+                schema_file = gguf_path.with_name(schema_file.name) if schema_file else None
             else:
                 kept = stage.keep_failed()
                 gguf_path, modelfile = kept / gguf_path.name, kept / modelfile.name
@@ -244,13 +246,18 @@ def run(cfg: ExportConfig) -> ExportResult:
     result = ExportResult(gguf_path, modelfile, quant, adapter_path, report, notes, published)
     if not published:
         return result  # main() says why; no Ollama hint for an export that failed its check
-    for f in (gguf_path, adapter_path, modelfile):
+    for f in (gguf_path, adapter_path, modelfile, schema_file):
         if f is not None:
             print(f"wrote {f} ({f.stat().st_size / 2**20:.1f} MiB)" if f.suffix == ".gguf" else f"wrote {f}")
     if report is not None and not report.passed:
         print(f"warning: verification failed; published anyway (--force): see {gguf_path.with_name('verify.json')}")
     ollama_name = slug(cfg.ollama_create or name)
     print(f"to use it in Ollama: ollama create {ollama_name} -f {modelfile}")
+    if schema_file is not None:
+        from common.structured.ollama import ollama_usage
+
+        example = held_rows[0].user_text() if held_rows else "Hello"
+        print(ollama_usage(ollama_name, schema_file, json.loads(schema_file.read_text(encoding="utf-8")), example))
     if cfg.ollama_create:
         ollama_create(ollama_name, modelfile, held_rows, notes)
     return result
@@ -287,10 +294,15 @@ def _build(cfg: ExportConfig, src: Source, merged, hp, spec, quant: str, name: s
 
     train_rows, held_rows = load_rows(src.run_config, notes)
     modelfile = write_modelfile(gguf_path, adapter_path, src, formatter, vocab.add_bos, train_rows, held_rows, notes)
+    from common.structured.ollama import export_schema
+
+    # The schema Ollama's `format` needs, beside the Modelfile (staged and published with it).
+    run_dir = src.out_dir.parent if src.run_config else None
+    schema_file = export_schema(gguf_path.parent, run_dir, src.system, notes)
     report = None
     if cfg.verify:
         report = _verify(cfg, src, formatter, quant, gguf_path, adapter_path, held_rows, notes, vocab.raw_text_exact)
-    return report, modelfile, held_rows
+    return report, modelfile, held_rows, schema_file
 
 
 def _vocab_and_formatter(cfg: ExportConfig, src: Source, spec, merged, notes: list[str]):

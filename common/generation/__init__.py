@@ -117,6 +117,8 @@ class Generator:
         self.target = target
         self.formatter = formatter
         self.new_tokens = 0  # tokens generated so far (for tokens/s)
+        # When set (common.structured.constraint.use_format), answers follow a JSON schema.
+        self.constraint = None
 
     # -- prompts ---------------------------------------------------------------
 
@@ -164,6 +166,12 @@ class Generator:
         Token t+1 is predicted from position t where ``loss_mask[t+1] == 1``, as in training.
         """
         return None
+
+    def score_continuations(self, context: list[int], continuations: Sequence[list[int]],
+                            end_ids: Sequence[int] | None = None) -> list[float]:
+        """Sum of log-probs (nats) of each continuation's tokens after ``context``, plus the log-probability that
+        one of ``end_ids`` comes next (the confidence of an enum field: see common.structured.confidence)."""
+        raise NotImplementedError(f"{self.backend} cannot score continuations")
 
     def describe(self) -> dict[str, Any]:
         """What was loaded, for reports: target, engine, files, prompt source."""

@@ -117,7 +117,7 @@ class LlamaGenerator(Generator):
         # temp 0 is llama.cpp's greedy sampler; otherwise temperature + top-p only (no top-k/min-p),
         # the same recipe as the torch engine.
         tokens = self.llm.generate(prompt_ids, temp=temperature, top_p=top_p, top_k=0, min_p=0.0,
-                                   repeat_penalty=1.0, reset=True)
+                                   repeat_penalty=1.0, reset=True, grammar=self.constraint)
         for n, tid in enumerate(tokens, start=1):
             self.new_tokens += 1
             if tid in stops or self._is_eog(tid):
@@ -126,6 +126,12 @@ class LlamaGenerator(Generator):
             if n >= budget:
                 break
         return decoder.text()
+
+    def score_continuations(self, context: list[int], continuations: Sequence[list[int]],
+                            end_ids: Sequence[int] | None = None) -> list[float]:
+        from common.structured.llama_cpp import score_continuations
+
+        return score_continuations(self, context, continuations, end_ids)
 
     def loss(self, examples: Sequence[Example]) -> tuple[float, int] | None:
         import numpy as np

@@ -1,0 +1,152 @@
+"""The answer schema behind ``--format``: where it is, its classifier field, and its fallback value.
+
+``--format schema`` means "the schema of this data or run" (``schema.json`` beside the data,
+the run's ``json_schema``, or ``export/schema.json`` beside an exported GGUF), the way Ollama's
+``format`` takes a JSON schema; ``--format FILE.json`` names one. The classifier field is the
+schema's first top-level string property with an ``enum`` (``intent`` in data/schema.json):
+its values are what confidence is computed over, and its fallback (the property's
+``default``, else a value named ``unknown``/``other``/``none``) is what a low confidence turns into.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.errors import UserError
+
+FALLBACK_NAMES = ("unknown", "other", "none", "fallback")  # enum values that mean "none of the above"
+
+
+@dataclass(frozen=True)
+class EnumField:
+    """A top-level string property whose value is one of ``values`` (a classifier's label)."""
+
+    key: str
+    values: tuple[str, ...]
+    fallback: str | None = None
+
+
+@dataclass
+class AnswerFormat:
+    """A JSON schema answers must satisfy, read from ``path``."""
+
+    path: Path
+    schema: dict[str, Any]
+    enum: EnumField | None = None
+    notes: list[str] = field(default_factory=list)  # what the constraint cannot enforce (said once)
+
+    @property
+    def text(self) -> str:
+        return json.dumps(self.schema, ensure_ascii=False)
+
+
+def enum_field(schema: dict[str, Any]) -> EnumField | None:
+    """The classifier field: the first top-level property that is an enum of strings (required ones first)."""
+    props = schema.get("properties") if isinstance(schema, dict) else None
+    if not isinstance(props, dict):
+        return None
+    required = [k for k in schema.get("required") or [] if k in props]
+    for key in required + [k for k in props if k not in required]:
+        spec = props[key]
+        values = spec.get("enum") if isinstance(spec, dict) else None
+        if isinstance(values, list) and len(values) >= 2 and all(isinstance(v, str) for v in values):
+            default = spec.get("default")
+            fallback = default if default in values else next(
+                (v for v in values if v.lower() in FALLBACK_NAMES), None)
+            return EnumField(key, tuple(dict.fromkeys(values)), fallback)
+    return None
+
+
+def load_format(path: str | Path) -> AnswerFormat:
+    """Read and check a schema file; UserError naming the file (and line) when it is not a JSON schema."""
+    from common.data import load_schema
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: JSON schema file not found (--format takes 'schema' or a .json file)")
+    validator = load_schema(p)  # JSON syntax with line numbers, and the metaschema check
+    schema = validator.schema
+    if not isinstance(schema, dict):
+        raise UserError(f"{p}: a --format schema must be a JSON object, got {type(schema).__name__}")
+    return AnswerFormat(p, schema, enum_field(schema))
+
+
+def resolve_format(spec: str | None, *, data_schema: Path | None = None, target=None) -> AnswerFormat | None:
+    """The schema ``--format`` names: None when not given; ``schema`` = the data's or the target's schema."""
+    if spec is None or spec == "":
+        return None
+    if spec != "schema":
+        return load_format(spec)
+    for candidate in (data_schema, target_schema(target) if target is not None else None):
+        if candidate is not None and Path(candidate).is_file():
+            return load_format(candidate)
+    raise UserError("--format schema: no schema found (looked for schema.json beside the data, the run's "
+                    "json_schema, and export/schema.json beside a GGUF); pass --format FILE.json")
+
+
+def target_schema(target) -> Path | None:
+    """The schema a target was trained for: its run's (see :func:`run_schema`), else schema.json beside a
+    GGUF (``llm-ft export`` writes it there)."""
+    if target.run_dir is not None and (found := run_schema(target.run_dir)) is not None:
+        return found
+    if target.gguf_file is not None and (Path(target.gguf_file).parent / "schema.json").is_file():
+        return Path(target.gguf_file).parent / "schema.json"
+    return None
+
+
+def run_schema(run_dir: str | Path) -> Path | None:
+    """A run's schema: its config's json_schema, else schema.json beside its data (paths as train saw them,
+    relative to the working directory or to the folder holding ``runs/``)."""
+    from common.data import parse_source
+    from common.run_dir import RunDir
+
+    run_dir = Path(run_dir).resolve()
+    config = RunDir(run_dir).config()
+    roots = [Path.cwd(), run_dir.parent.parent]
+    if config.get("json_schema"):
+        for root in roots:
+            p = Path(config["json_schema"])
+            p = p if p.is_absolute() else root / p
+            if p.is_file():
+                return p
+    for spec in config.get("data") or []:
+        path, _ = parse_source(str(spec))
+        for root in roots:
+            p = path if path.is_absolute() else root / path
+            candidate = (p if p.is_dir() else p.parent) / "schema.json"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def with_fallback(value: Any, fmt: AnswerFormat) -> Any:
+    """``value`` with its enum field set to the fallback, other fields emptied where the schema needs it.
+
+    Used when confidence is below ``--threshold``: the answer keeps its shape (a schema like
+    data/schema.json requires ``slots`` to be empty for ``unknown``), so the JSON stays valid.
+    """
+    from common.evaluate.metrics import schema_errors
+
+    assert fmt.enum is not None and fmt.enum.fallback is not None
+    out = copy.deepcopy(value) if isinstance(value, dict) else {}
+    out[fmt.enum.key] = fmt.enum.fallback
+    if not schema_errors(out, fmt.schema):
+        return out
+    empty = {dict: {}, list: [], str: ""}
+    for key, v in list(out.items()):
+        if key != fmt.enum.key and type(v) in empty:
+            out[key] = empty[type(v)]
+    return out
+
+
+def mentions_schema(system_prompt: str | None, schema: dict[str, Any]) -> bool:
+    """Whether a system prompt names every required top-level key (Ollama advises putting the schema in
+    the prompt as well as in ``format``: the model then writes the fields it was asked for)."""
+    if not system_prompt:
+        return False
+    keys = [k for k in schema.get("required") or [] if isinstance(k, str)] or list(schema.get("properties") or {})
+    return bool(keys) and all(k in system_prompt for k in keys)
