@@ -27,8 +27,10 @@ class ModelOptions:
 
 @dataclass
 class DataOptions:
-    data: list[str] = opt(factory=lambda: ["data"], help="data directory (train/valid/test.jsonl) or files; "
-                          "several sources may be mixed, each as PATH or PATH:N (N rows sampled)")
+    data: list[str] = opt(factory=lambda: ["data"], help="data directory (train/valid/test.jsonl), files, a folder "
+                          "of parquet/arrow files or a Hugging Face dataset id (user/name[:split]); several "
+                          "sources are a comma list, each as PATH or PATH:N (N rows sampled)")
+    data_config: str | None = opt(None, "configuration (subset) of a Hugging Face dataset given to --data")
     system_prompt_file: str | None = opt("system_prompt.txt", "system prompt inserted into rows that have none "
                                             "(and written to the Modelfile's SYSTEM); empty to use none")
     chat_template: str | None = opt(None, "override the tokenizer's chat template: a named template "
@@ -95,7 +97,10 @@ class TrainConfig(DataOptions, ModelOptions):  # fields: model options first, th
     resume: bool = opt(False, "continue from the newest verified checkpoint in --out")
     allow_partial_resume: bool = opt(False, "resume even if the optimizer state is missing")
     nonfinite: Literal["skip", "abort"] = opt("skip", "on a NaN/inf loss or gradient: skip the step or stop the run")
-    report_to: list[str] = opt(factory=list, help="extra loggers: wandb, tensorboard")
+    report_to: list[str] = opt(factory=list, help="experiment trackers: none, wandb, tensorboard (extras "
+                               "llm-ft[wandb], llm-ft[tensorboard]); metrics.jsonl is always written")
+    run_name: str | None = opt(None, "run name shown by the trackers (default: the run directory's name)")
+    wandb_project: str | None = opt(None, "W&B project (default: $WANDB_PROJECT, else W&B's own default)")
     log_every: int = opt(1, "log the training loss every N optimizer steps")
 
     @property
@@ -122,8 +127,8 @@ class TrainConfig(DataOptions, ModelOptions):  # fields: model options first, th
         if self.load_in_4bit and self.load_in_8bit:
             problems.append("load_in_4bit and load_in_8bit: choose one")
         for r in self.report_to:
-            if r not in ("wandb", "tensorboard"):
-                problems.append(f"report_to: unknown logger {r!r} (choose wandb or tensorboard)")
+            if r not in ("none", "wandb", "tensorboard"):
+                problems.append(f"report_to: unknown tracker {r!r} (choose none, wandb or tensorboard)")
         if self.keep < 1:
             problems.append(f"keep: must be >= 1, got {self.keep}")
         for name in ("warmup_steps", "eval_every", "save_every", "sample_prompts", "max_grad_norm", "weight_decay"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -103,7 +104,8 @@ def load_rows(run_config: dict[str, Any], notes: list[str]):
 
     try:
         splits = load_splits(list(run_config["data"]), valid_fraction=float(run_config.get("valid_fraction", 0.1)),
-                             seed=int(run_config.get("seed", 3407)), schema=run_config.get("json_schema"))
+                             seed=int(run_config.get("seed", 3407)), schema=run_config.get("json_schema"),
+                             data_config=run_config.get("data_config"))
     except (UserError, OSError) as exc:
         notes.append(f"training data not readable here ({exc}); probes used instead")
         return [], []
@@ -147,7 +149,7 @@ def run(cfg: ExportConfig) -> ExportResult:
         quant = cfg.quant
     else:
         quant, reason = default_quant(n_params(merged))
-        print(f"quant: {reason}")
+        print(f"quant: {reason}", file=sys.stderr)
     gguf_path, adapter_path = _paths(cfg, src, quant)
     # Merging and quantizing start here, on worker threads, and run beside the loading of the
     # adapter and the tokenizer below (about a second of single-threaded Python).
@@ -172,7 +174,7 @@ def run(cfg: ExportConfig) -> ExportResult:
     if cfg.verify:
         report = _verify(cfg, src, formatter, quant, gguf_path, adapter_path, held_rows, notes, vocab.raw_text_exact)
     for note in notes:
-        print(f"note: {note}")
+        print(f"note: {note}", file=sys.stderr)
     ollama_name = slug(cfg.ollama_create or name)
     print(f"to use it in Ollama: ollama create {ollama_name} -f {modelfile}")
     if cfg.ollama_create:
