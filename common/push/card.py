@@ -100,7 +100,8 @@ def render(*, repo: str, what: str, base: str | None, base_revision: str | None,
     library = {"adapter": "peft", "merged": "transformers", "gguf": "gguf"}[what]
     tags = ["llm-ft", "lora", "sft", "text-generation"] + (["peft"] if what == "adapter" else []) + \
         (["gguf", "ollama"] if what == "gguf" else []) + list(extra_tags or [])
-    evals = eval_results(repo, metrics, dataset=f"{repo} test split") if metrics else None
+    data_name = str((eval_report or {}).get("data") or "test split").replace("\\", "/").split("/")[-1]
+    evals = eval_results(repo, metrics, dataset=data_name) if metrics else None
     data = ModelCardData(base_model=base, library_name=library, tags=tags, pipeline_tag="text-generation",
                          model_name=repo.split("/")[-1], eval_results=evals or None)
     rows = "\n".join(f"| {k} | {_value(run_config[k])} |" for k in HYPER if k in run_config)
@@ -114,7 +115,6 @@ def render(*, repo: str, what: str, base: str | None, base_revision: str | None,
                    else f"{summary.get('steps', '?')} steps")
     if metrics:
         shown = [(label, metrics[key]) for key, label, _ in EVAL_METRICS if isinstance(metrics.get(key), (int, float))]
-        data_name = str(eval_report.get("data") or "the test split").replace("\\", "/").split("/")[-1]
         eval_block = ("| metric | value |\n|---|---|\n" + "\n".join(f"| {label} | {v:.4g} |" for label, v in shown) +
                       f"\n\non {metrics.get('n', '?')} rows of `{data_name}`")
     else:
