@@ -13,7 +13,7 @@ UNAME_M := $(shell uname -m)
 # MLX (Metal) on macOS, MLX on the CPU elsewhere; PyTorch everywhere: the tests build their tiny
 # reference models with transformers, and the backend-parity tests need both.
 # (pyproject's markers pick mlx's Metal build on macOS, mlx[cpu] on Linux.)
-EXTRAS ?= mlx,torch,verify,web,structured,dev
+EXTRAS ?= mlx,torch,verify,web,structured,plots,wandb,tensorboard,datasets,dev
 # Linux without an NVIDIA GPU: the CPU build of torch (set TORCH_INDEX to use another index).
 ifeq ($(UNAME_S),Linux)
 ifeq ($(shell command -v nvidia-smi 2>/dev/null),)

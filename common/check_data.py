@@ -41,6 +41,7 @@ class DataCheck:
     stats: dict[str, dict[str, int]] | None  # split -> encode_split stats; None when skipped
     intents: dict[str, Counter]  # split -> intent -> rows (answers that are JSON with an "intent")
     tokens_skipped: str | None = None  # why there are no token statistics
+    system_prompt_path: str | None = None  # the system prompt file used (absolute), if any
 
     @property
     def report(self) -> LintReport:
@@ -99,14 +100,14 @@ def _token_stats(cfg: CheckDataConfig, splits: Splits, tokenizer, system_prompt:
 
 def check(cfg: CheckDataConfig) -> DataCheck:
     """Load and lint the data, then compute token statistics if a tokenizer can be had."""
-    from common.prompts import load_system_prompt
+    from common.locate import load_for_data
 
     problems = LintReport()  # problems outside the data files
-    system_prompt = None
-    try:
-        system_prompt = load_system_prompt(cfg.system_prompt_file)
+    system_prompt, prompt_path = None, None
+    try:  # beside the data when not in the current directory (data/README.md: ../system_prompt.txt)
+        system_prompt, prompt_path = load_for_data(cfg.system_prompt_file, cfg.paths or cfg.data)
     except UserError as exc:
-        problems.error("", exc.message)
+        problems.error("", exc.render())
     tokenizer, skipped = None, None
     if not cfg.tokens:
         skipped = "--no-tokens"
@@ -117,7 +118,8 @@ def check(cfg: CheckDataConfig) -> DataCheck:
             skipped = exc.message if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
             problems.warning("", f"token statistics skipped: {skipped}")
     splits = load_splits(cfg.paths or cfg.data, valid_fraction=cfg.valid_fraction, seed=cfg.seed,
-                         schema=cfg.json_schema, tokenizer=tokenizer, max_seq_length=cfg.max_seq_length)
+                         schema=cfg.json_schema, tokenizer=tokenizer, max_seq_length=cfg.max_seq_length,
+                         data_config=cfg.data_config)
     splits.report.problems[:0] = problems.problems
     stats = None
     if tokenizer is not None and splits.train:
@@ -126,7 +128,7 @@ def check(cfg: CheckDataConfig) -> DataCheck:
         except UserError as exc:  # the chat template cannot render these rows
             splits.report.error("", exc.render())
     found = {name: intents(rows) for name, rows in splits.items()}
-    return DataCheck(splits, stats, found, skipped)
+    return DataCheck(splits, stats, found, skipped, str(prompt_path) if prompt_path else None)
 
 
 # ---------------------------------------------------------------------------
@@ -155,6 +157,7 @@ def print_result(result: DataCheck, console=None) -> None:
                                    "zero_supervised", "overlong")] if s else ["-"] * 6
         table.add_row(label, str(len(rows)), _formats(result, rows), *tok)
     console.print(table)
+    console.print(f"system prompt: {result.system_prompt_path or 'none'}", highlight=False, soft_wrap=True)
     if result.stats:
         limit = next(iter(result.stats.values()))["max_seq_length"]
         console.print(f"max_seq_length {limit}; tokens include the system prompt and chat template")

@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("common.export.cmd", "write a GGUF + Ollama Modelfile, verified in llama.cpp"),
     "models": ("common.models.cmd", "list, import and inspect base models"),
     "serve": ("common.serve", "a local web page to try a model (Gradio)"),
+    "push": ("common.push.cmd", "publish a run to the Hugging Face Hub (adapter, merged or GGUF) with a model card"),
+    "completion": ("common.completion", "print a shell completion script (bash, zsh)"),
 }
 
 
@@ -61,6 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "--version"):
         build_parser().parse_args(argv or ["--help"])
         return 0
+    from common import quiet
+
+    quiet.setup(quiet.wants_verbose(argv))
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         from common.errors import nearest

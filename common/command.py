@@ -151,12 +151,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                        help="a .env file (default: ./.env if present; parent directories are never read). "
                             "LLM_FT_* keys set options; HF_TOKEN and other library keys go to the environment")
     group.add_argument("--debug", action="store_true", help="show tracebacks for errors (default: off)")
+    group.add_argument("--verbose", action="store_true", help="show the libraries' own warnings, logs and "
+                       "progress bars (default: hidden)")
 
 
 def from_args(cls, args: argparse.Namespace):
     """Resolve ``cls`` from a parsed namespace made with :func:`add_arguments` + :func:`add_config_arguments`."""
     ns = vars(args)
-    cli = {k: v for k, v in ns.items() if k not in ("config", "env_file", "debug", "command", "func")}
+    cli = {k: v for k, v in ns.items() if k not in ("config", "env_file", "debug", "verbose", "command", "func")}
     return config.resolve(cls, cli, ns.get("config"), ns.get("env_file"))
 
 

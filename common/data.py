@@ -323,8 +323,22 @@ def check_leakage(splits: Splits) -> None:
                                                        f"(leakage into {name})")
 
 
+def _from_datasets(spec: str, path: Path, n: int | None, seed: int, config: str | None, splits: Splits) -> bool:
+    """Load a Hub dataset id or a parquet/arrow folder into ``splits`` (common.hub_data); False if not one."""
+    from common import hub_data
+
+    if not (hub_data.is_dataset_dir(path) or (not path.exists() and hub_data.is_hub_dataset(str(path)))):
+        return False
+    for split, rows in hub_data.load_source(str(path), path, config, splits.report).items():
+        if split == "train" and n is not None:
+            rows = _sample(rows, n, seed, path.name, spec, splits.report)
+        getattr(splits, split).extend(rows)
+    splits.files.append(path)
+    return True
+
+
 def load_splits(paths: list[str], *, valid_fraction: float, seed: int, schema: str | None = None,
-                tokenizer=None, max_seq_length: int = 1024) -> Splits:
+                tokenizer=None, max_seq_length: int = 1024, data_config: str | None = None) -> Splits:
     """Load every source into train/valid/test, lint every row, check leakage and the schema.
 
     Never raises for bad data: call ``splits.report.raise_if_errors()`` before training.
@@ -338,6 +352,9 @@ def load_splits(paths: list[str], *, valid_fraction: float, seed: int, schema: s
         path, n = parse_source(spec)
         if n is not None and n < 1:
             report.error(spec, "a sample count must be at least 1")
+            continue
+        if _from_datasets(spec, path, n, seed, data_config, splits):
+            has_valid_file |= bool(splits.valid)
             continue
         if path.is_dir():
             found = _split_files(path)

@@ -35,8 +35,10 @@ class ModelOptions:
 @dataclass
 class DataOptions:
     GROUP = "data"
-    data: list[str] = opt(factory=lambda: ["data"], help="data directory (train/valid/test.jsonl) or files; "
-                          "several sources may be mixed, each as PATH or PATH:N (N rows sampled)")
+    data: list[str] = opt(factory=lambda: ["data"], help="data directory (train/valid/test.jsonl), files, a folder "
+                          "of parquet/arrow files or a Hugging Face dataset id (user/name[:split]); several "
+                          "sources are a comma list, each as PATH or PATH:N (N rows sampled)")
+    data_config: str | None = opt(None, "configuration (subset) of a Hugging Face dataset given to --data")
     system_prompt_file: str | None = opt("system_prompt.txt", "system prompt inserted into rows that have none "
                                             "(and written to the Modelfile's SYSTEM); empty to use none")
     chat_template: str | None = opt(None, "override the tokenizer's chat template: a named template "
@@ -136,7 +138,11 @@ class OutputOptions:
     save_every: int = opt(100, "write a checkpoint every N optimizer steps (0: only at the end)", min=0)
     keep: int = opt(3, "checkpoints to keep (the newest; the last verified one is never deleted)", min=1)
     log_every: int = opt(1, "log the training loss every N optimizer steps", min=1)
-    report_to: list[Literal["wandb", "tensorboard"]] = opt(factory=list, help="extra loggers: wandb, tensorboard")
+    report_to: list[Literal["none", "wandb", "tensorboard"]] = opt(
+        factory=list, help="experiment trackers: none, wandb, tensorboard (extras llm-ft[wandb], "
+        "llm-ft[tensorboard]); metrics.jsonl is always written")
+    run_name: str | None = opt(None, "run name shown by the trackers (default: the run directory's name)")
+    wandb_project: str | None = opt(None, "W&B project (default: $WANDB_PROJECT, else W&B's own default)")
 
 
 # Base classes list in reverse: a dataclass orders inherited fields from the last base to the

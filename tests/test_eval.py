@@ -87,7 +87,7 @@ def test_eval_run_and_compare_with_base(tiny_run, tiny_model_dir, monkeypatch):
     from common.evaluate.cmd import main
 
     root, run, _ = tiny_run
-    monkeypatch.chdir(root)  # the run's data (["data"]) and runs/eval-<name> resolve here
+    monkeypatch.chdir(root)  # the run's data (["data"]) resolves here
     assert main([str(run), "--compare", str(tiny_model_dir), "--batch-size", "3", "--max-new-tokens", "40"]) == 0
 
     result = json.loads((run / "eval" / "metrics.json").read_text())
@@ -101,7 +101,8 @@ def test_eval_run_and_compare_with_base(tiny_run, tiny_model_dir, monkeypatch):
     assert m["errors"] == 1
     assert m["eval_loss"] > 0 and m["perplexity"] == pytest.approx(2.718281828 ** m["eval_loss"])
     assert result["per_field"]["slots.genre"] == {"accuracy": 1.0, "correct": 1, "support": 1}
-    assert result["confusion"]["labels"][:4] == ["get_weather", "play_music", "set_reminder", "set_timer"]
+    # the schema's labels in its order, then one "other" row (no labels invented by the model)
+    assert result["confusion"]["labels"] == ["set_timer", "play_music", "get_weather", "set_reminder", "other"]
 
     errors = [json.loads(line) for line in (run / "eval" / "errors.jsonl").read_text().splitlines()]
     assert len(errors) == 1
@@ -110,7 +111,9 @@ def test_eval_run_and_compare_with_base(tiny_run, tiny_model_dir, monkeypatch):
     assert errors[0]["source"].endswith("test.jsonl:4")
     assert is_png(run / "eval" / "confusion.png")
 
-    base = json.loads((root / "runs" / f"eval-{tiny_model_dir.name}" / "metrics.json").read_text())
+    # --compare MODEL writes inside the run, not ./runs/eval-<name> in the current directory
+    assert not (root / "runs" / f"eval-{tiny_model_dir.name}").exists()
+    base = json.loads((run / "eval" / "compare" / tiny_model_dir.name / "metrics.json").read_text())
     assert base["generator"]["kind"] == "model" and base["generator"]["system_prompt"]  # the run's prompt
     assert base["metrics"]["exact_match"] == 0.0  # untrained: fine-tuning is what made the difference
     assert base["metrics"]["eval_loss"] > m["eval_loss"]

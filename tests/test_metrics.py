@@ -128,7 +128,8 @@ def test_json_report_hand_computed():
     assert m["intent_accuracy"] == 0.75
     # classes: get_weather, set_timer, unknown, <invalid>; f1 = 1, 1, 2/3 (tp1 fn1 fp0), 0
     assert m["intent_macro_f1"] == pytest.approx((1 + 1 + 2 / 3 + 0) / 4)
-    assert r["confusion"]["labels"] == ["get_weather", "set_timer", "unknown", M.INVALID]
+    # the schema's labels plus one "other" column for the malformed answer
+    assert r["confusion"]["labels"] == ["set_timer", "get_weather", "unknown", M.OTHER]
     assert r["confusion"]["matrix"][2] == [0, 0, 1, 1]
     ex = r["examples"]
     assert [x["exact"] for x in ex] == [True, False, False, False]

@@ -181,6 +181,7 @@ class TorchBackend:
                   metadata={"format": "pt"})
         config = copy.deepcopy(self.model.peft_config["default"])
         config.base_model_name_or_path = str(base_model)
+        config.target_modules = sorted(config.target_modules)  # a set in peft: one order in every saved file
         config.inference_mode = True
         config.save_pretrained(str(out_dir))  # writes adapter_config.json only
 

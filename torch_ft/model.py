@@ -159,4 +159,4 @@ def attach_lora(model, cfg: TrainConfig, seed: int):
     with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's concern
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
-    return peft_model, list(config.target_modules)
+    return peft_model, sorted(config.target_modules)  # peft keeps a set: sorted, the same order every run

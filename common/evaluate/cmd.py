@@ -164,15 +164,21 @@ def generate_all(gen, prompts: list[list[dict]], cfg: EvalConfig, label: str) ->
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from common.train.progress import LogLines
+
     answers: list[str] = []
+    console = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+    lines = None if console.is_terminal else LogLines(f"generating ({label})", len(prompts), console, lines=10)
+    with Progress(*columns, console=console, transient=True, disable=lines is not None) as progress:
         task = progress.add_task(f"generating ({label})", total=len(prompts))
         for start in range(0, len(prompts), cfg.batch_size):
             batch = prompts[start:start + cfg.batch_size]
             answers += gen.generate_batch(batch, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                           top_p=cfg.top_p, seed=cfg.seed)
             progress.advance(task, len(batch))
+            if lines is not None:  # a log: a line now and then, with elapsed and ETA
+                lines.update(len(answers))
     return answers
 
 
@@ -270,7 +276,7 @@ def evaluate_target(target, cfg: EvalConfig, rows: list[Row], task: str, schema:
     if task == "text":
         for s in result["samples"]:
             console.print(f"[bold]prompt:[/] {s['prompt']}\n[bold]answer:[/] {s['produced']}\n")
-    console.print(f"wrote {out_dir / 'metrics.json'}")
+    print(f"wrote {out_dir / 'metrics.json'}")  # the result's path on stdout, the log on stderr
     return result
 
 
@@ -303,6 +309,8 @@ def run(cfg: EvalConfig) -> int:
     out_dirs: list[Path] = []
     for i, t in enumerate(targets):
         d = out_dir_for(t, cfg.out if i == 0 else None)
+        if i > 0 and t.kind == "model":  # --compare default: beside the main results, not ./runs/eval-default
+            d = out_dirs[0] / "compare" / d.name.removeprefix("eval-")
         while d.resolve() in [o.resolve() for o in out_dirs]:  # two targets of the same name
             d = d.with_name(d.name + "-2")
         out_dirs.append(d)
@@ -322,8 +330,19 @@ def run(cfg: EvalConfig) -> int:
         if not console.is_terminal:  # a log file: do not squeeze the table into 80 columns
             console = Console(stderr=True, width=200)
         console.print(report.compare_table(table_rows))
-        console.print(f"wrote {path}")
+        print(f"wrote {path}")
+    _next(targets[0])
     return 0
+
+
+def _next(target) -> None:
+    """What to do after an eval: export a run (or the GGUF's run), else train on the data."""
+    from rich.console import Console
+
+    where = target.run_dir if target.kind == "run" else None
+    hint = f"llm-ft export {where}" if where else ("llm-ft chat " + target.spec if target.kind == "gguf"
+                                                   else f"llm-ft train --model {target.spec}")
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"next: {hint}")
 
 
 def build_parser():

@@ -109,9 +109,28 @@ def macro_f1(expected: Sequence[str], predicted: Sequence[str]) -> float:
     return sum(v["f1"] for v in per.values()) / len(per) if per else 0.0
 
 
-def confusion_matrix(expected: Sequence[str], predicted: Sequence[str]) -> tuple[list[str], list[list[int]]]:
-    """``(labels, matrix)`` with ``matrix[i][j]`` = examples of class ``labels[i]`` predicted as ``labels[j]``."""
-    labels = class_order(expected, predicted)
+OTHER = "other"  # the confusion matrix's row and column for every label outside the known ones
+
+
+def schema_labels(schema: dict | None, key: str = "intent") -> list[str] | None:
+    """The labels a JSON schema allows for ``key`` (``properties.<key>.enum``), or None."""
+    enum = ((schema or {}).get("properties") or {}).get(key, {}).get("enum") if isinstance(schema, dict) else None
+    return [str(v) for v in enum] if isinstance(enum, list) and enum else None
+
+
+def confusion_matrix(expected: Sequence[str], predicted: Sequence[str],
+                     known: Sequence[str] | None = None) -> tuple[list[str], list[list[int]]]:
+    """``(labels, matrix)`` with ``matrix[i][j]`` = examples of class ``labels[i]`` predicted as ``labels[j]``.
+
+    With ``known`` labels (the schema's), the matrix has exactly those plus one ``other`` for
+    anything else a model invents (or an invalid answer), so its size never depends on the model.
+    """
+    if known is not None:
+        labels = [*known, OTHER]
+        expected = [e if e in known else OTHER for e in expected]
+        predicted = [p if p in known else OTHER for p in predicted]
+    else:
+        labels = class_order(expected, predicted)
     index = {c: i for i, c in enumerate(labels)}
     matrix = [[0] * len(labels) for _ in labels]
     for e, p in zip(expected, predicted, strict=True):
@@ -182,7 +201,7 @@ def json_report(expected_texts: Sequence[str], produced_texts: Sequence[str | No
         metrics[f"{label_key}_accuracy"] = sum(g == p for g, p in zip(gold, guess, strict=True)) / n
         metrics[f"{label_key}_macro_f1"] = macro_f1(gold, guess)
         report["per_class"] = per_class_f1(gold, guess)
-        labels, matrix = confusion_matrix(gold, guess)
+        labels, matrix = confusion_matrix(gold, guess, schema_labels(schema, label_key) or sorted(set(gold)))
         report["confusion"] = {"labels": labels, "matrix": matrix}
     return report
 

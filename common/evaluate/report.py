@@ -179,8 +179,13 @@ def confusion_table(labels: Sequence[str], matrix: Sequence[Sequence[int]]):
 
 
 def write_confusion_png(path: str | Path, labels: Sequence[str], matrix: Sequence[Sequence[int]],
-                        title: str = "") -> Path:
-    """A confusion-matrix heat map (matplotlib, Agg backend: no display needed), written atomically."""
+                        title: str = "") -> Path | None:
+    """A confusion-matrix heat map (matplotlib, Agg backend: no display needed), written atomically;
+    None (skipped, with a note) without matplotlib."""
+    from common.train.plot import plotting_available
+
+    if not plotting_available():
+        return None
     import matplotlib
 
     matplotlib.use("Agg")

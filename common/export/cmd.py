@@ -109,7 +109,8 @@ def load_rows(run_config: dict[str, Any], notes: list[str]):
 
     try:
         splits = load_splits(list(run_config["data"]), valid_fraction=float(run_config.get("valid_fraction", 0.1)),
-                             seed=int(run_config.get("seed", 3407)), schema=run_config.get("json_schema"))
+                             seed=int(run_config.get("seed", 3407)), schema=run_config.get("json_schema"),
+                             data_config=run_config.get("data_config"))
     except (UserError, OSError) as exc:
         notes.append(f"training data not readable here ({exc}); probes used instead")
         return [], []
@@ -217,7 +218,7 @@ def run(cfg: ExportConfig) -> ExportResult:
         quant = cfg.quant
     else:
         quant, reason = default_quant(n_params(merged))
-        print(f"quant: {reason}")
+        print(f"quant: {reason}", file=sys.stderr)
     gguf_path, adapter_path = _paths(cfg, src, quant)
     _check_beside(gguf_path, cfg.force)
     in_run = src.adapter_dir is not None and src.adapter_dir.parent.resolve() in gguf_path.resolve().parents
@@ -242,7 +243,7 @@ def run(cfg: ExportConfig) -> ExportResult:
             stage.discard()
             raise
     for note in notes:
-        print(f"note: {note}")
+        print(f"note: {note}", file=sys.stderr)
     result = ExportResult(gguf_path, modelfile, quant, adapter_path, report, notes, published)
     if not published:
         return result  # main() says why; no Ollama hint for an export that failed its check

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -193,6 +194,7 @@ def run(cfg: MergeConfig) -> Path:
                      chat_template=run_chat_template(rd))
     n = sum(1 for name in merged.names if merged.is_changed(name))
     print(f"merged {n} adapted tensors into {merged.base_dir} -> {out}")
+    print(f"next: llm-ft eval {out}   or: llm-ft export {out}", file=sys.stderr)
     return out
 
 

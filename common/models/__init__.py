@@ -65,6 +65,10 @@ def resolve_model(spec: str | None, revision: str | None = None, trust_remote_co
     if p.is_dir():
         safety.check_model_dir(p, trust_remote_code)
         return ResolvedModel(spec, p.resolve(), "local")
+    if hub.is_hub_id(spec) and Path(spec.split("/", 1)[0]).is_dir():
+        # runs/nope with a local runs/ folder is a mistyped path, not a Hub id to look up
+        raise UserError(f"{spec}: no such run directory or model directory",
+                        [f"{Path(spec).parent.absolute()}/ exists here, so {spec!r} is read as a path, not a Hub id"])
     if hub.is_hub_id(spec) and not spec.startswith((".", "~", "/")):
         path = hub.download(spec, revision=revision, trust_remote_code=trust_remote_code)
         safety.check_model_dir(path, trust_remote_code)

@@ -19,6 +19,7 @@ from common.adapters import IMPORT_ADAPTER_HELP, ModelsImportAdapterConfig, run_
 from common.backends import BackendName
 from common.command import Parser, add_arguments, add_config_arguments, from_args
 from common.config import opt, register
+from common.models.rm import RM_HELP, ModelsRmConfig, run_rm
 from common.options import DEFAULT_TARGETS
 from common.prompts import TEMPLATE_NAMES
 
@@ -68,6 +69,7 @@ def run_list(cfg: ModelsListConfig) -> int:
         console.print("no imported or cached models yet (llm-ft models import FILE.gguf, or train with --model)")
         return 0
     if not console.is_terminal:  # piped: one tab-separated line per model, never truncated
+        print("name\tsource\tarchitecture\tsize\tpath")
         for r in rows:
             print("\t".join([r["name"], r["source"], r["architecture"], format_bytes(r["size"]), r["path"]]))
         return 0
@@ -155,6 +157,7 @@ ACTIONS: dict[str, tuple[type, Callable[[Any], int], str]] = {
     "info": (ModelsInfoConfig, run_info, "architecture, size, tokenizer, chat template, GGUF export support "
                                          "and a training memory estimate"),
     "import-adapter": (ModelsImportAdapterConfig, run_import_adapter, IMPORT_ADAPTER_HELP),
+    "rm": (ModelsRmConfig, run_rm, RM_HELP),
 }
 
 

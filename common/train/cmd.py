@@ -79,8 +79,9 @@ def _samples(rows, formatter, tokenizer, n: int):
 def prepare(cfg: TrainConfig, console) -> Prepared:
     """Resolve the run directory, the model and tokenizer, and load + tokenize the data."""
     from common.data import fingerprint, load_splits
+    from common.locate import load_for_data
     from common.models import load_tokenizer, resolve_model
-    from common.prompts import ChatFormatter, encode_split, load_system_prompt
+    from common.prompts import ChatFormatter, encode_split
     from common.train.loop import TrainData
 
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.model)
@@ -88,11 +89,12 @@ def prepare(cfg: TrainConfig, console) -> Prepared:
         raise UserError(f"--resume: {run_dir} has no checkpoints/ to continue from")
     if not cfg.resume and run_dir.exists() and _has_run(run_dir):
         raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it, or choose another --out")
-    system_prompt = load_system_prompt(cfg.system_prompt_file)
+    system_prompt, prompt_path = load_for_data(cfg.system_prompt_file, cfg.data)
+    console.print(f"system prompt: {prompt_path or 'none'}", highlight=False, soft_wrap=True)
     resolved = resolve_model(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     tokenizer = load_tokenizer(resolved.path)
     splits = load_splits(cfg.data, valid_fraction=cfg.valid_fraction, seed=cfg.seed, schema=cfg.json_schema,
-                         tokenizer=tokenizer, max_seq_length=cfg.max_seq_length)
+                         tokenizer=tokenizer, max_seq_length=cfg.max_seq_length, data_config=cfg.data_config)
     splits.report.raise_if_errors()
     formatter = ChatFormatter(tokenizer, template=cfg.chat_template, system_prompt=system_prompt,
                               train_on_prompt=cfg.train_on_prompt)
@@ -216,7 +218,8 @@ def _run(cfg: TrainConfig, console, held: contextlib.ExitStack) -> int:
     if resume_from is not None:
         truncate_after(metrics_file, ckpts.read(resume_from)[0]["step"])
         console.print(f"resuming from {resume_from}")
-    log = MetricsLog(metrics_file, cfg.report_to, p.run_dir.name, config.to_dict(cfg), p.run_dir / "tensorboard")
+    log = MetricsLog(metrics_file, cfg.report_to, cfg.run_name or p.run_dir.name, config.to_dict(cfg),
+                     p.run_dir / "tensorboard", project=cfg.wandb_project)
     trainer = Trainer(cfg, backend, p.data, p.run_dir, base_model=str(p.resolved.path), run_info=info_for_resume,
                       log=log, progress_console=console)
     console.print(f"training {trainer.total_steps} steps of {cfg.batch_size} x {cfg.grad_accum} "
@@ -225,7 +228,8 @@ def _run(cfg: TrainConfig, console, held: contextlib.ExitStack) -> int:
         summary = trainer.fit(resume_from)
     finally:
         log.close()
-        plot_loss(metrics_file, p.run_dir / "loss.png", title=f"{p.resolved.spec} ({backend_name})")
+        plot_loss(metrics_file, p.run_dir / "loss.png", title=f"{cfg.run_name or p.run_dir.name}: "
+                  f"{p.resolved.spec} ({backend_name})")
     summary.update({"backend": backend_name, "device": info.device, "dtype": info.dtype,
                     "trainable_params": info.trainable_params, "total_params": info.total_params,
                     "target_modules": info.target_modules, "base_model": str(p.resolved.path)})
@@ -241,7 +245,8 @@ def _report(console, run_dir: Path, s: dict[str, Any]) -> None:
     tps = f"{s['tokens_per_s']:,.0f}" if s["tokens_per_s"] else "?"
     console.print(f"done ({s['stop_reason']}): {s['steps']} steps, {s['tokens']:,} tokens at {tps} tokens/s, "
                   f"peak memory {human_bytes(s['peak_memory_bytes'])}; best eval loss {best}")
-    console.print(f"adapter: {run_dir / 'adapter'}")
+    print(f"adapter: {run_dir / 'adapter'}")  # the result on stdout, the log above on stderr
+    console.print(f"next: llm-ft eval {run_dir}   then: llm-ft export {run_dir}", highlight=False, soft_wrap=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

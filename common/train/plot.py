@@ -21,8 +21,28 @@ def read_metrics(path: Path) -> list[dict]:
     return events
 
 
+PLOTS_NOTE = "note: plots skipped (matplotlib is not installed: pip install 'llm-ft[plots]')"
+_noted = False
+
+
+def plotting_available() -> bool:
+    """matplotlib is an optional extra: without it plots are skipped with one note on stderr."""
+    global _noted
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        return True
+    if not _noted:
+        print(PLOTS_NOTE, file=sys.stderr)
+        _noted = True
+    return False
+
+
 def plot_loss(metrics_file: Path, out_png: Path, title: str = "") -> None:
-    """Draw the curves with matplotlib's Agg backend (no display needed)."""
+    """Draw the curves with matplotlib's Agg backend (no display needed); skipped without matplotlib."""
+    if not plotting_available():
+        return
     import matplotlib
 
     matplotlib.use("Agg")

@@ -6,6 +6,8 @@ it prints one plain line every few percent so CI logs stay readable.
 
 from __future__ import annotations
 
+import time
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -20,15 +22,42 @@ def human_bytes(n: int | None) -> str:
     return f"{n}"
 
 
+def clock(seconds: float) -> str:
+    """h:mm:ss, as rich's elapsed column shows it."""
+    s = max(0, int(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class LogLines:
+    """Progress for logs (no terminal: CI, nohup, a pipe): a plain line every ~5% with elapsed and ETA."""
+
+    def __init__(self, label: str, total: int, console: Console, start: int = 0, lines: int = 20):
+        self.label, self.total, self.console, self.start = label, total, console, start
+        self.every = max(1, total // lines)
+        self.t0 = time.monotonic()
+        self.printed = start
+
+    def eta(self, done: int) -> str:
+        rate = (done - self.start) / max(time.monotonic() - self.t0, 1e-9)
+        return clock((self.total - done) / rate) if rate > 0 else "?"
+
+    def update(self, done: int, text: str = "") -> None:
+        if done == self.printed or not (done - self.printed >= self.every or done >= self.total):
+            return
+        self.printed = done
+        self.console.print(f"{self.label} {done}/{self.total}  {text}{'  ' if text else ''}"
+                           f"elapsed {clock(time.monotonic() - self.t0)}  eta {self.eta(done)}",
+                           highlight=False, soft_wrap=True)
+
+
 class TrainProgress:
     def __init__(self, total_steps: int, start_step: int = 0, console: Console | None = None):
         self.console = console or Console(stderr=True)
         self.total = total_steps
         self.live = self.console.is_terminal
-        self.every = max(1, total_steps // 20)
         self.fields = {"loss": "-", "eval": "-", "lr": "-", "tps": "-", "mem": "-"}
         self.progress = None
-        self.printed = start_step
+        self.lines = LogLines("step", total_steps, self.console, start=start_step)
         if self.live:
             self.progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
@@ -61,11 +90,10 @@ class TrainProgress:
             self.fields["mem"] = human_bytes(peak_memory)
         if self.progress is not None:
             self.progress.update(self.task, completed=step, **self.fields)
-        elif step != self.printed and (step % self.every == 0 or step == self.total):
-            self.printed = step
+        else:
             f = self.fields
-            self.console.print(f"step {step}/{self.total}  loss {f['loss']}  eval {f['eval']}  lr {f['lr']}  "
-                               f"{f['tps']} tok/s  mem {f['mem']}", highlight=False)
+            self.lines.update(step, f"loss {f['loss']}  eval {f['eval']}  lr {f['lr']}  {f['tps']} tok/s  "
+                                    f"mem {f['mem']}")
 
     def print(self, *args, **kwargs) -> None:
         """Print above the bar (samples, warnings, checkpoint notes)."""
