@@ -28,6 +28,7 @@ from typing import Any, Literal
 from common.command import main_for, make_parser
 from common.config import opt, register
 from common.errors import UserError
+from common.structured.schema import json_verdict, load_schema, run_schema_path  # noqa: F401  (serve's API)
 
 HARD_CAP = 8192  # new tokens per answer the page ever allows, whatever the model's context
 
@@ -95,64 +96,6 @@ def check_port(host: str, port: int) -> None:
         except OSError as exc:
             raise UserError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); "
                             "pick another port with --port") from None
-
-
-def load_schema(path: str | Path) -> dict:
-    """Read a JSON schema file, naming the file and line of a syntax error."""
-    p = Path(path)
-    try:
-        schema = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{p}: JSON schema file not found") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{p}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-    from jsonschema.exceptions import SchemaError
-    from jsonschema.validators import validator_for
-
-    try:
-        validator_for(schema).check_schema(schema)
-    except SchemaError as exc:
-        raise UserError(f"{p}: not a valid JSON schema: {exc.message}") from None
-    return schema
-
-
-def run_schema_path(run_config: dict[str, Any], root: Path | None = None) -> Path | None:
-    """The schema a run was trained with: its ``json_schema``, else schema.json beside its data.
-
-    Relative paths are tried from the current directory, then from ``root`` (the folder the
-    run was trained in: RUN/../.. for the default runs/<name>).
-    """
-    bases = [Path.cwd()] + ([root] if root is not None else [])
-    if run_config.get("json_schema"):
-        named = Path(run_config["json_schema"])
-        return next((b / named for b in bases if (b / named).is_file()), named)
-    for entry in run_config.get("data") or []:
-        text = str(entry)
-        for base in bases:
-            p = base / text
-            if not p.exists() and ":" in text:  # PATH:N (N rows sampled)
-                p = base / text.rsplit(":", 1)[0]
-            candidate = (p if p.is_dir() else p.parent) / "schema.json"
-            if p.exists() and candidate.is_file():
-                return candidate
-    return None
-
-
-def json_verdict(answer: str, schema: dict | None) -> tuple[str | None, str | None]:
-    """``(pretty JSON, verdict)`` for an answer; ``(None, None)`` when it is no JSON task and no JSON."""
-    from common.evaluate.metrics import parse_json, schema_errors
-
-    ok, value = parse_json(answer)
-    if not ok:
-        return (None, None) if schema is None else (None, "**invalid**: the answer is not valid JSON")
-    pretty = json.dumps(value, indent=2, ensure_ascii=False)
-    if schema is None:
-        return pretty, "**valid JSON** (no schema to check it against)"
-    errors = schema_errors(value, schema)
-    if not errors:
-        return pretty, "**valid**: matches the schema"
-    shown = "\n".join(f"- `{e}`" for e in errors[:10])
-    return pretty, f"**invalid** against the schema:\n{shown}"
 
 
 def seed_for(temperature: float) -> int:

@@ -150,3 +150,62 @@ def mentions_schema(system_prompt: str | None, schema: dict[str, Any]) -> bool:
         return False
     keys = [k for k in schema.get("required") or [] if isinstance(k, str)] or list(schema.get("properties") or {})
     return bool(keys) and all(k in system_prompt for k in keys)
+
+
+# Used by serve's page: the schema file itself, a run's schema from its config, and a verdict on an answer.
+def load_schema(path: str | Path) -> dict:
+    """Read a JSON schema file, naming the file and line of a syntax error."""
+    p = Path(path)
+    try:
+        schema = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{p}: JSON schema file not found") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{p}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    from jsonschema.exceptions import SchemaError
+    from jsonschema.validators import validator_for
+
+    try:
+        validator_for(schema).check_schema(schema)
+    except SchemaError as exc:
+        raise UserError(f"{p}: not a valid JSON schema: {exc.message}") from None
+    return schema
+
+
+def run_schema_path(run_config: dict[str, Any], root: Path | None = None) -> Path | None:
+    """The schema a run was trained with: its ``json_schema``, else schema.json beside its data.
+
+    Relative paths are tried from the current directory, then from ``root`` (the folder the
+    run was trained in: RUN/../.. for the default runs/<name>).
+    """
+    bases = [Path.cwd()] + ([root] if root is not None else [])
+    if run_config.get("json_schema"):
+        named = Path(run_config["json_schema"])
+        return next((b / named for b in bases if (b / named).is_file()), named)
+    for entry in run_config.get("data") or []:
+        text = str(entry)
+        for base in bases:
+            p = base / text
+            if not p.exists() and ":" in text:  # PATH:N (N rows sampled)
+                p = base / text.rsplit(":", 1)[0]
+            candidate = (p if p.is_dir() else p.parent) / "schema.json"
+            if p.exists() and candidate.is_file():
+                return candidate
+    return None
+
+
+def json_verdict(answer: str, schema: dict | None) -> tuple[str | None, str | None]:
+    """``(pretty JSON, verdict)`` for an answer; ``(None, None)`` when it is no JSON task and no JSON."""
+    from common.evaluate.metrics import parse_json, schema_errors
+
+    ok, value = parse_json(answer)
+    if not ok:
+        return (None, None) if schema is None else (None, "**invalid**: the answer is not valid JSON")
+    pretty = json.dumps(value, indent=2, ensure_ascii=False)
+    if schema is None:
+        return pretty, "**valid JSON** (no schema to check it against)"
+    errors = schema_errors(value, schema)
+    if not errors:
+        return pretty, "**valid**: matches the schema"
+    shown = "\n".join(f"- `{e}`" for e in errors[:10])
+    return pretty, f"**invalid** against the schema:\n{shown}"
