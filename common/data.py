@@ -25,6 +25,7 @@ from common.data_formats import (  # noqa: F401
     convert_row,
     detect_format,
     json_type,
+    lint_rows,
     row_key,
     text_chunks,
     unknown_format,
@@ -192,33 +193,7 @@ def load_file(path: str | Path, *, tokenizer=None, max_seq_length: int = 1024) -
     else:  # JSON lines (also .json files written as JSON lines, as the datasets library does)
         items = list(_json_lines(path, data, report))
 
-    rows = []
-    first: tuple[str, int] | None = None  # (format, line)
-    mixed: list[tuple[int, str]] = []
-    for line, obj in items:
-        where = f"{path}:{line}"
-        if not isinstance(obj, dict):
-            report.error(where, f"expected a JSON object (one row), got {json_type(obj)}")
-            continue
-        fmt = detect_format(obj)
-        if fmt is None:
-            unknown_format(obj, where, report)
-            continue
-        if first is None:
-            first = (fmt, line)
-        elif fmt != first[0]:
-            mixed.append((line, fmt))
-            continue
-        row = convert_row(obj, fmt, Source(str(path), line), where, report)
-        if row is not None:
-            rows.append(row)
-    if mixed:
-        line, fmt = mixed[0]
-        more = f" ({len(mixed)} rows in other formats)" if len(mixed) > 1 else ""
-        report.error(f"{path}:{line}", f"row in {fmt!r} format, but this file's rows are {first[0]!r} "
-                                       f"(from line {first[1]}); use one format per file{more}")
-    if first is not None:
-        report.formats[str(path)] = first[0]
+    rows = lint_rows(items, str(path), report)
     if not items and report.ok:
         report.error(str(path), "no rows")
     return rows, report

@@ -15,9 +15,9 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from common.data_formats import LintReport, convert_row, detect_format, json_type, unknown_format
+from common.data_formats import LintReport, lint_rows
 from common.errors import UserError
-from common.rows import Row, Source
+from common.rows import Row
 
 FILE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
 SPLIT_NAMES = {"train": "train", "validation": "valid", "valid": "valid", "val": "valid", "dev": "valid",
@@ -99,34 +99,9 @@ def _open_hub(spec: str, config: str | None) -> dict[str, Any]:
 
 def records_to_rows(records, label: str, report: LintReport) -> list[Row]:
     """Lint records (dicts) as the JSONL loader lints lines; the first recognised format is the table's."""
-    rows: list[Row] = []
-    first: tuple[str, int] | None = None
-    mixed: list[tuple[int, str]] = []
-    for i, obj in enumerate(records, start=1):
-        where = f"{label}:{i}"
-        obj = _drop_nulls(obj)  # columnar storage fills a row's missing keys with null
-        if not isinstance(obj, dict):
-            report.error(where, f"expected a record (one row), got {json_type(obj)}")
-            continue
-        fmt = detect_format(obj)
-        if fmt is None:
-            unknown_format(obj, where, report)
-            continue
-        if first is None:
-            first = (fmt, i)
-        elif fmt != first[0]:
-            mixed.append((i, fmt))
-            continue
-        row = convert_row(obj, fmt, Source(label, i), where, report)
-        if row is not None:
-            rows.append(row)
-    if mixed:
-        i, fmt = mixed[0]
-        report.error(f"{label}:{i}", f"row in {fmt!r} format, but this dataset's rows are {first[0]!r} "
-                                     f"(from row {first[1]}); use one format per split")
-    if first is not None:
-        report.formats[label] = first[0]
-    elif not report.errors:
+    rows = lint_rows(((i, _drop_nulls(obj)) for i, obj in enumerate(records, start=1)), label, report,
+                     unit="row", container="split", what="a record")  # columnar storage fills missing keys with null
+    if label not in report.formats and not report.errors:
         report.error(label, "no rows")
     return rows
 
