@@ -83,12 +83,15 @@ def is_png(path: Path) -> bool:
     return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_eval_run_and_compare_with_base(tiny_run, tiny_model_dir, monkeypatch):
+def test_eval_run_and_compare_with_base(tiny_run, tiny_model_dir, monkeypatch, capsys):
     from common.evaluate.cmd import main
 
     root, run, _ = tiny_run
     monkeypatch.chdir(root)  # the run's data (["data"]) resolves here
     assert main([str(run), "--compare", str(tiny_model_dir), "--batch-size", "3", "--max-new-tokens", "40"]) == 0
+    # Regression: the metrics and comparison tables went to stderr with the progress log.
+    out, err = capsys.readouterr()
+    assert "intent" in out and "exact" in out and "wrote" in out and "next:" in err
 
     result = json.loads((run / "eval" / "metrics.json").read_text())
     m = result["metrics"]

@@ -266,16 +266,17 @@ def evaluate_target(target, cfg: EvalConfig, rows: list[Row], task: str, schema:
     result["out_dir"] = str(out_dir)
     io.write_json(out_dir / "metrics.json", result)
 
-    console.print(report.metrics_table(result))
+    results = Console(highlight=False) if Console().is_terminal else Console(width=200, highlight=False)
+    results.print(report.metrics_table(result))  # results on stdout; progress and notes on stderr
     if structured is not None:
-        console.print(report.decoding_table(result))
+        results.print(report.decoding_table(result))
         for note in structured["notes"]:
             console.print(f"[yellow]note:[/] {note}; every answer is still checked against the whole schema")
     if "confusion" in result and len(result["confusion"]["labels"]) <= 20:
-        console.print(report.confusion_table(result["confusion"]["labels"], result["confusion"]["matrix"]))
+        results.print(report.confusion_table(result["confusion"]["labels"], result["confusion"]["matrix"]))
     if task == "text":
         for s in result["samples"]:
-            console.print(f"[bold]prompt:[/] {s['prompt']}\n[bold]answer:[/] {s['produced']}\n")
+            results.print(f"[bold]prompt:[/] {s['prompt']}\n[bold]answer:[/] {s['produced']}\n")
     print(f"wrote {out_dir / 'metrics.json'}")  # the result's path on stdout, the log on stderr
     return result
 
@@ -326,9 +327,9 @@ def run(cfg: EvalConfig) -> int:
         io.write_text(path, md)
         from rich.console import Console
 
-        console = Console(stderr=True)
+        console = Console()  # the comparison is a result: stdout
         if not console.is_terminal:  # a log file: do not squeeze the table into 80 columns
-            console = Console(stderr=True, width=200)
+            console = Console(width=200)
         console.print(report.compare_table(table_rows))
         print(f"wrote {path}")
     _next(targets[0])
