@@ -59,7 +59,7 @@ def test_errors_are_one_type_with_the_cli_message(tiny_model_dir, tmp_path, caps
         llm_ft.train(model=str(tiny_model_dir), lora_r=0, out=str(tmp_path / "x"))
     assert main(["train", "--model", str(tiny_model_dir), "--lora-r", "0", "--out", str(tmp_path / "x")]) == 2
     assert f"error: {api.value.render()}" in capsys.readouterr().err
-    assert "lora_r: must be >= 1, got 0" in str(api.value)
+    assert "--lora-r: must be >= 1, got 0" in str(api.value)
     assert not (tmp_path / "x").exists()
 
 
@@ -75,8 +75,13 @@ def test_unknown_keyword_names_our_option(tiny_model_dir):
 def test_trust_remote_code_comes_from_the_call_only(tmp_path):
     from common.options import TrainConfig
 
+    # A config file (a cloned folder's) may not turn the switch on: refused, naming the file and the way to opt in.
+    opted = tmp_path / "opted.yaml"
+    opted.write_text("trust_remote_code: true\nlora_r: 8\n")
+    with pytest.raises(llm_ft.LLMFTError, match="pass --trust-remote-code"):
+        llm_ft.build_config(TrainConfig, {}, config=str(opted))
     yaml = tmp_path / "run.yaml"
-    yaml.write_text("trust_remote_code: true\nlora_r: 8\n")
+    yaml.write_text("lora_r: 8\n")
     cfg = llm_ft.build_config(TrainConfig, {}, config=str(yaml))
     assert cfg.lora_r == 8 and cfg.trust_remote_code is False
     assert llm_ft.build_config(TrainConfig, {"trust_remote_code": True}, config=str(yaml)).trust_remote_code
