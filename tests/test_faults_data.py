@@ -324,10 +324,10 @@ def test_ctrl_c_leaves_the_adapter_it_names_and_the_resume_command(tiny_model_di
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    stdout, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
-    last = err.strip().splitlines()[-1]
-    assert last == f"adapter: {out / 'adapter'}"
+    assert stdout.strip().splitlines()[-1] == f"adapter: {out / 'adapter'}"  # the result, on stdout
+    assert "next: llm-ft eval" not in err  # not before the run is finished
     assert (out / "adapter/adapter_model.safetensors").exists()
     assert "llm-ft train " in err and err.count("--resume") >= 1 and str(ckpts.steps(out)[0][1]) in err
 

@@ -246,7 +246,8 @@ def _report(console, run_dir: Path, s: dict[str, Any]) -> None:
     console.print(f"done ({s['stop_reason']}): {s['steps']} steps, {s['tokens']:,} tokens at {tps} tokens/s, "
                   f"peak memory {human_bytes(s['peak_memory_bytes'])}; best eval loss {best}")
     print(f"adapter: {run_dir / 'adapter'}")  # the result on stdout, the log above on stderr
-    console.print(f"next: llm-ft eval {run_dir}   then: llm-ft export {run_dir}", highlight=False, soft_wrap=True)
+    if s["stop_reason"] != "interrupted":  # an interrupted run's next step (--resume) was printed by the loop
+        console.print(f"next: llm-ft eval {run_dir}   then: llm-ft export {run_dir}", highlight=False, soft_wrap=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
