@@ -25,7 +25,6 @@ from common.data_formats import (  # noqa: F401
     convert_row,
     detect_format,
     json_type,
-    lint_rows,
     row_key,
     text_chunks,
     unknown_format,
@@ -391,3 +390,37 @@ def fingerprint(splits: Splits) -> dict[str, Any]:
     out["valid_from_train"] = splits.valid_from_train
     out["files"] = [str(f) for f in splits.files]
     return out
+
+
+def lint_rows(items, label: str, report: LintReport, *, unit: str = "line", container: str = "file",
+              what: str = "a JSON object") -> list[Row]:
+    """Rows from ``(position, object)`` pairs of one file or dataset split ``label``: each object's format
+    detected and checked, every problem reported as ``label:position``; one format per file or split."""
+    rows: list[Row] = []
+    first: tuple[str, int] | None = None  # (format, position)
+    mixed: list[tuple[int, str]] = []
+    for pos, obj in items:
+        where = f"{label}:{pos}"
+        if not isinstance(obj, dict):
+            report.error(where, f"expected {what} (one row), got {json_type(obj)}")
+            continue
+        fmt = detect_format(obj)
+        if fmt is None:
+            unknown_format(obj, where, report)
+            continue
+        if first is None:
+            first = (fmt, pos)
+        elif fmt != first[0]:
+            mixed.append((pos, fmt))
+            continue
+        row = convert_row(obj, fmt, Source(label, pos), where, report)
+        if row is not None:
+            rows.append(row)
+    if mixed:
+        pos, fmt = mixed[0]
+        more = f" ({len(mixed)} rows in other formats)" if len(mixed) > 1 else ""
+        report.error(f"{label}:{pos}", f"row in {fmt!r} format, but this {container}'s rows are {first[0]!r} "
+                                       f"(from {unit} {first[1]}); use one format per {container}{more}")
+    if first is not None:
+        report.formats[label] = first[0]
+    return rows

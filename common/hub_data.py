@@ -15,7 +15,8 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from common.data_formats import LintReport, lint_rows
+from common.data import lint_rows
+from common.data_formats import LintReport
 from common.errors import UserError
 from common.rows import Row
 
