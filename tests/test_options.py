@@ -23,7 +23,7 @@ TRAIN_FIELDS = {
     "num_layers", "optim", "out", "overlong", "packing", "report_to", "resume", "revision", "sample_prompts",
     "save_every", "schedule", "seed", "system_prompt_file", "targets", "train_on_prompt", "trust_remote_code",
     "use_dora", "use_rslora", "valid_fraction", "warmup_steps", "weight_decay",
-}
+} | {"data_config", "run_name", "wandb_project"}  # round 2's Hub datasets and trackers
 
 
 @pytest.fixture
