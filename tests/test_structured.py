@@ -316,7 +316,9 @@ def test_demo_summary_has_free_and_constrained_rows(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "fine-tuned + format" in out and "GGUF + format" in out and "0.050" in out and "99.0%" in out
     write(tmp_path / "export" / "eval-gguf" / "metrics.json", metrics(), metrics(schema_valid_rate=0.99))
-    assert mod.main(str(tmp_path), "model.gguf", "1") == 1  # constrained answers must all be valid
+    # The schema's if/then rules are beyond every grammar: a constrained miss is reported, not a failed bar.
+    assert mod.main(str(tmp_path), "model.gguf", "1") == 0
+    assert "GGUF + format: 99.0% schema-valid" in capsys.readouterr().out
 
 
 @pytest.mark.torch

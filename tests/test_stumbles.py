@@ -41,9 +41,9 @@ def test_check_data_outside_the_repo_finds_the_system_prompt_beside_the_data(tmp
 def test_check_data_token_statistics_include_the_system_prompt(tiny_model_dir, tmp_path):
     # guards p95 shown without the ~40 system-prompt tokens that training adds to every row
     from common.check_data import CheckDataConfig, check
-    from common.data import encode_split, load_splits
+    from common.data import load_splits
     from common.models import load_tokenizer
-    from common.prompts import ChatFormatter
+    from common.prompts import ChatFormatter, encode_split
 
     data = copy_data(tmp_path / "proj" / "data")
     system = (tmp_path / "proj" / "system_prompt.txt").read_text().rstrip("\n")
