@@ -118,5 +118,5 @@ def test_report_to_none_and_missing_tracker(monkeypatch, tiny_model_dir):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(llm_ft.LLMFTError, match=r"--report-to wandb: not installed; pip install 'llm-ft\[wandb\]'"):
         trackers.check_installed(["wandb"])
-    with pytest.raises(llm_ft.LLMFTError, match="unknown tracker 'mlflow'"):
+    with pytest.raises(llm_ft.LLMFTError, match="--report-to: expected one of 'none', 'wandb', 'tensorboard', got 'mlflow'"):
         llm_ft.build_config(__import__("common.options").options.TrainConfig, {"report_to": ["mlflow"]})
