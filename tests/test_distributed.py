@@ -1,0 +1,96 @@
+"""Data-parallel training: torchrun with 2 gloo ranks on the CPU against one process.
+
+Every rank draws the same micro-batches and trains on its share, normalised by the global
+token count, so 2 ranks x grad_accum g must equal 1 rank x grad_accum 2g to fp32 noise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from tiny_run import REPO, copy_data  # noqa: E402
+
+pytestmark = [pytest.mark.torch, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+STEPS = 3
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MLX_RANK")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", NO_COLOR="1")
+    return env
+
+
+def train_args(model: Path, data: Path, out: Path, grad_accum: int, *extra: str) -> list[str]:
+    return ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--backend", "torch",
+            "--device", "cpu", "--dtype", "float32", "--max-steps", str(STEPS), "--batch-size", "1",
+            "--grad-accum", str(grad_accum), "--lora-r", "4", "--eval-every", "0", "--save-every", "0",
+            "--sample-prompts", "0", "--max-seq-length", "256", "--log-every", "1", "--seed", "5", *extra]
+
+
+def run(args: list[str], nproc: int = 1, timeout: float = 240) -> subprocess.CompletedProcess:
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "common.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
+               "-m", "common.cli", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def train_rows(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["event"] == "train"]
+
+
+def adapter(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("dist")
+    data = copy_data(base / "data", train=12, valid=2, test=0)
+    one, two = base / "one", base / "two"
+    run(train_args(tiny_model_dir, data, one, 4))
+    proc = run(train_args(tiny_model_dir, data, two, 2), nproc=2)
+    return one, two, proc
+
+
+def test_two_ranks_equal_one_rank_with_grad_accum_doubled(runs):
+    one, two, _ = runs
+    a, b = train_rows(one), train_rows(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+        assert y["tokens"] == x["tokens"]  # tokens count the whole global step
+        assert y["world_size"] == 2
+    wa, wb = adapter(one), adapter(two)
+    assert wa.keys() == wb.keys()
+    diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert diff <= 1e-6, diff
+    assert max(float(v.abs().max()) for k, v in wb.items() if "lora_B" in k) > 0  # it did train
+
+
+def test_rank_zero_alone_writes_every_artifact_once(runs):
+    _, two, proc = runs
+    rows = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    # guards against every rank appending its own rows to metrics.jsonl (doubled steps)
+    steps = [r["step"] for r in rows if r["event"] == "train"]
+    assert steps == sorted(set(steps))
+    assert (two / "summary.json").is_file() and (two / "config.json").is_file() and (two / "loss.png").is_file()
+    assert len(list((two / "checkpoints").iterdir())) == 1
+    assert proc.stdout.count("adapter: ") == 1  # rank 1 prints nothing but errors
+    assert proc.stderr.count("training 3 steps") == 1
