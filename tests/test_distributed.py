@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,12 +66,12 @@ def runs(tiny_model_dir, tmp_path_factory):
     data = copy_data(base / "data", train=12, valid=2, test=0)
     one, two = base / "one", base / "two"
     run(train_args(tiny_model_dir, data, one, 4))
-    proc = run(train_args(tiny_model_dir, data, two, 2), nproc=2)
-    return one, two, proc
+    proc = run([*train_args(tiny_model_dir, data, two, 2, "--save-every", "1"), "--nproc", "2"])
+    return one, two, proc, tiny_model_dir, data
 
 
 def test_two_ranks_equal_one_rank_with_grad_accum_doubled(runs):
-    one, two, _ = runs
+    one, two = runs[:2]
     a, b = train_rows(one), train_rows(two)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
     for x, y in zip(a, b, strict=True):
@@ -85,12 +86,44 @@ def test_two_ranks_equal_one_rank_with_grad_accum_doubled(runs):
 
 
 def test_rank_zero_alone_writes_every_artifact_once(runs):
-    _, two, proc = runs
+    two, proc = runs[1:3]
     rows = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     # guards against every rank appending its own rows to metrics.jsonl (doubled steps)
     steps = [r["step"] for r in rows if r["event"] == "train"]
     assert steps == sorted(set(steps))
     assert (two / "summary.json").is_file() and (two / "config.json").is_file() and (two / "loss.png").is_file()
-    assert len(list((two / "checkpoints").iterdir())) == 1
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-1", "step-2", "step-3"]
     assert proc.stdout.count("adapter: ") == 1  # rank 1 prints nothing but errors
     assert proc.stderr.count("training 3 steps") == 1
+
+
+def cut_back(run_dir: Path, dest: Path, step: int) -> Path:
+    """A copy of ``run_dir`` as if it had been stopped after checkpoint ``step``."""
+    shutil.copytree(run_dir, dest)
+    for ckpt in (dest / "checkpoints").iterdir():
+        if int(ckpt.name.split("-")[1]) > step:
+            shutil.rmtree(ckpt)
+    shutil.rmtree(dest / "adapter")
+    (dest / "summary.json").unlink()
+    return dest
+
+
+@pytest.mark.parametrize("nproc,grad_accum", [(1, 4), (2, 2)])
+def test_a_two_rank_checkpoint_resumes_on_one_or_two_ranks(runs, tmp_path, nproc, grad_accum):
+    _, two, _, model, data = runs
+    out = cut_back(two, tmp_path / "run", 2)
+    run([*train_args(model, data, out, grad_accum, "--save-every", "1", "--resume"), "--nproc", str(nproc)])
+    assert train_rows(out)[-1]["loss"] == pytest.approx(train_rows(two)[-1]["loss"], rel=1e-5)
+    assert [r["step"] for r in train_rows(out)] == [1, 2, 3]
+    wa, wb = adapter(two), adapter(out)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6
+
+
+def test_resume_with_another_global_batch_is_refused(runs, tmp_path):
+    _, two, _, model, data = runs
+    out = cut_back(two, tmp_path / "run", 2)
+    cmd = [sys.executable, "-m", "common.cli", *train_args(model, data, out, 2, "--resume")]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "global_batch: checkpoint has 4, this run has 2" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -44,11 +44,12 @@ class TorchBackend:
 
     # -- data parallelism (torchrun) ---------------------------------------------------
 
-    def init_world(self, world: World, cfg: TrainConfig) -> None:
+    def init_world(self, world: World, cfg: TrainConfig) -> World:
         """Join the job's process group before setup (which then loads onto this rank's GPU)."""
         self.world = world
         if world.distributed:
             dists.init(world, devices.choose(cfg.device, cfg.dtype).kind)
+        return world
 
     def all_sum(self, values: list[float]) -> list[float]:
         return dists.all_sum(values) if self.world.distributed else list(values)

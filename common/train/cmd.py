@@ -187,10 +187,14 @@ def _run(cfg: TrainConfig, console, held: contextlib.ExitStack) -> int:
     console = console or Console(stderr=True, quiet=not world.is_main)
     backend_name = backends.resolve(cfg.backend)
     check_reporters(cfg.report_to)
+    if cfg.nproc > 1 and not world.launcher:
+        from common.train.launch import relaunch
+
+        return relaunch(backend_name, cfg.nproc)
     backend = None
     if world.distributed:
         backend = backends.load_backend(backend_name)
-        _join_world(backend, world, cfg, held)
+        world = _join_world(backend, world, cfg, held)
     p = prepare(cfg, console)
     if world.is_main:
         held.callback(lock_for_training(p.run_dir, resume=cfg.resume).release)
@@ -199,14 +203,17 @@ def _run(cfg: TrainConfig, console, held: contextlib.ExitStack) -> int:
         _check_same_config(backend, world, cfg, p.fingerprint)
     info_for_resume = run_info(cfg, backend=backend_name, model_dir=p.resolved.path, tokenizer=p.tokenizer,
                                data_fingerprint=p.fingerprint, train_examples=p.data.train)
+    # The data order and each step's examples depend on the global batch, not on how it is split:
+    # a checkpoint of 2 ranks x grad_accum 2 resumes on 1 rank x grad_accum 4.
+    info_for_resume["global_batch"] = cfg.batch_size * info_for_resume.pop("grad_accum") * world.size
     resume_from = None
     if cfg.resume:
         resume_from = ckpts.newest_verified(p.run_dir, warn=lambda m: console.print(f"[yellow]warning: {m}[/]"))
         if resume_from is None:
             raise UserError(f"--resume: no checkpoint in {p.run_dir / 'checkpoints'} verifies; "
                             "run without --resume (and another --out) to start over")
-        ckpts.check_compatible(resume_from, info_for_resume)
-        finished = ckpts.finished(p.run_dir, resume_from, planned_steps(cfg, p.data))
+        _check_resumable(resume_from, info_for_resume, cfg.allow_global_batch_change)
+        finished = ckpts.finished(p.run_dir, resume_from, planned_steps(cfg, p.data, world.size))
         if finished:  # nothing to train: leave every file as it is
             console.print(finished)
             return 0
@@ -265,12 +272,13 @@ class _NoLog:
         pass
 
 
-def _join_world(backend, world, cfg: TrainConfig, held: contextlib.ExitStack) -> None:
+def _join_world(backend, world, cfg: TrainConfig, held: contextlib.ExitStack):
     if not hasattr(backend, "all_sum"):
         raise UserError(f"the {backend.name} backend does not train data-parallel ({world.launcher} started "
                         f"{world.size or 'several'} processes); run one process")
-    backend.init_world(world, cfg)
+    world = backend.init_world(world, cfg)
     held.callback(backend.close_world)
+    return world
 
 
 def _check_same_config(backend, world, cfg: TrainConfig, fingerprint: dict[str, Any]) -> None:
@@ -288,6 +296,24 @@ def _check_same_config(backend, world, cfg: TrainConfig, fingerprint: dict[str, 
         differ = [r for g in groups.values() if 0 not in g for r in g]
         raise UserError(f"ranks {', '.join(map(str, differ))} resolved a different configuration or data than "
                         "rank 0: every rank must run the same command on the same files")
+
+
+def _check_resumable(ckpt: Path, current: dict[str, Any], allow_batch_change: bool) -> None:
+    from common.train import checkpoint as ckpts
+
+    saved = dict(ckpts.read(ckpt)[1])
+    if "grad_accum" in saved:  # a checkpoint from before data parallelism: one process
+        saved["global_batch"] = saved.get("batch_size", 0) * saved.pop("grad_accum")
+    found = ckpts.mismatches(saved, current)
+    batch = [m for m in found if m.startswith("global_batch:")]
+    if batch and allow_batch_change:
+        found = [m for m in found if m not in batch]
+    elif batch:
+        found = [m + " (batch size x grad accum x processes: adjust --grad-accum to the number of processes, "
+                 "or pass --allow-global-batch-change)" if m in batch else m for m in found]
+    if found:
+        raise UserError(f"cannot resume from {ckpt}: the run differs from the checkpoint's "
+                        "(start a new --out, or restore the original settings)", found)
 
 
 def _report(console, run_dir: Path, s: dict[str, Any]) -> None:

@@ -125,15 +125,15 @@ def _stream(cfg: Any, data: TrainData) -> DataStream:
                       group_by_length=cfg.group_by_length, packing=cfg.packing, max_len=cfg.max_seq_length)
 
 
-def _total_steps(cfg: Any, stream: DataStream) -> int:
+def _total_steps(cfg: Any, stream: DataStream, world_size: int = 1) -> int:
     if cfg.max_steps is not None:
         return cfg.max_steps
-    return max(1, math.ceil(stream.micro_batches_for(cfg.epochs) / cfg.grad_accum))
+    return max(1, math.ceil(stream.micro_batches_for(cfg.epochs) / (cfg.grad_accum * world_size)))
 
 
-def planned_steps(cfg: Any, data: TrainData) -> int:
-    """The optimizer steps ``cfg`` asks for on ``data`` (what a Trainer would run)."""
-    return _total_steps(cfg, _stream(cfg, data))
+def planned_steps(cfg: Any, data: TrainData, world_size: int = 1) -> int:
+    """The optimizer steps ``cfg`` asks for on ``data`` (what a Trainer would run) on ``world_size`` ranks."""
+    return _total_steps(cfg, _stream(cfg, data), world_size)
 
 
 class Trainer:
@@ -152,7 +152,7 @@ class Trainer:
         self.console = progress_console
         self.state = LoopState()
         self.stream = _stream(cfg, data)
-        self.total_steps = _total_steps(cfg, self.stream)
+        self.total_steps = _total_steps(cfg, self.stream, self.world.size)
         self.last_checkpoint: Path | None = None
         self.verified: set[Path] = set()  # checkpoints this process wrote and verified
         self.stop_reason = "completed"

@@ -33,7 +33,7 @@ class World:
 
     @property
     def distributed(self) -> bool:
-        return self.size > 1
+        return self.size != 1  # 0: launched by mlx.launch, size known once the backend joins
 
 
 def _int(env: Mapping[str, str], key: str) -> int:

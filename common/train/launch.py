@@ -1,0 +1,55 @@
+"""``llm-ft train --nproc N``: run the same command as N data-parallel processes on this machine.
+
+No process management of ours: the command re-executes itself under the framework's own
+launcher, which starts the ranks, wires them together and stops them all when one fails.
+torch: ``python -m torch.distributed.run --nproc-per-node N --standalone -m common.cli train ...``;
+mlx: ``mlx.launch -n N --backend ring -- python -m common.cli train ...`` (ranks over 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from common.errors import UserError
+
+
+def without_nproc(args: list[str]) -> list[str]:
+    """``args`` less ``--nproc N`` / ``--nproc=N`` (each rank is one process)."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def launcher_command(backend: str, nproc: int, train_args: list[str]) -> list[str]:
+    rank_cmd = ["-m", "common.cli", *train_args]
+    if backend == "torch":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
+                *rank_cmd]
+    if backend == "mlx":
+        script = Path(sys.executable).with_name("mlx.launch")
+        launch = [str(script)] if script.exists() else [
+            sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
+        return [*launch, "-n", str(nproc), "--backend", "ring", "--", sys.executable, *rank_cmd]
+    raise UserError(f"--nproc: the {backend} backend has no data-parallel launcher")
+
+
+def relaunch(backend: str, nproc: int, argv: list[str] | None = None) -> int:
+    """Run this ``train`` command under the launcher; its exit status (the failed rank's, if one failed)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] != ["train"]:
+        raise UserError("--nproc works from the command line (llm-ft train ... --nproc N); from Python, "
+                        "start your script with torchrun or mlx.launch instead")
+    cmd = launcher_command(backend, nproc, without_nproc(args))
+    print(f"launching {nproc} processes: {' '.join(cmd[:6])} ...", file=sys.stderr)
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:  # the launcher forwards Ctrl-C to the ranks, which checkpoint and exit 130
+        return 130
