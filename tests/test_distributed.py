@@ -127,3 +127,63 @@ def test_resume_with_another_global_batch_is_refused(runs, tmp_path):
     assert proc.returncode != 0
     assert "global_batch: checkpoint has 4, this run has 2" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _child_with(env_key: str, value: str, root: int) -> int | None:
+    """The pid of a descendant of ``root`` whose environment has ``env_key=value`` (a rank)."""
+    children = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    todo, seen = [root], []
+    while todo:
+        pid = todo.pop()
+        seen.append(pid)
+        todo += children.get(pid, [])
+    for pid in seen[1:]:
+        try:
+            env = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"{env_key}={value}".encode() in env and b"common.cli" in (Path("/proc") / str(pid) / "cmdline").read_bytes():
+            return pid
+    return None
+
+
+def kill_a_rank(args: list[str], out: Path, env_key: str) -> tuple[subprocess.CompletedProcess, float]:
+    """Start ``args`` (a 2-process train), SIGKILL rank 1 once a step is logged; (result, seconds to end)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "common.cli", *args], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while not ((out / "metrics.jsonl").exists() and '"train"' in (out / "metrics.jsonl").read_text()):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        pid = _child_with(env_key, "1", proc.pid)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.time()
+        stdout, stderr = proc.communicate(timeout=90)
+        return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr), time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_killed_rank_ends_the_job_naming_it(runs, tmp_path):
+    _, _, _, model, data = runs
+    out = tmp_path / "run"
+    args = train_args(model, data, out, 2, "--save-every", "5")
+    args[args.index("--max-steps") + 1] = "100000"
+    result, seconds = kill_a_rank([*args, "--nproc", "2"], out, "RANK")
+    assert result.returncode != 0
+    assert seconds < 60
+    assert "rank 1" in result.stderr, result.stderr[-3000:]
+    assert "--resume" in result.stderr

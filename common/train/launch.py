@@ -8,6 +8,7 @@ mlx: ``mlx.launch -n N --backend ring -- python -m common.cli train ...`` (ranks
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +50,35 @@ def relaunch(backend: str, nproc: int, argv: list[str] | None = None) -> int:
                         "start your script with torchrun or mlx.launch instead")
     cmd = launcher_command(backend, nproc, without_nproc(args))
     print(f"launching {nproc} processes: {' '.join(cmd[:6])} ...", file=sys.stderr)
+    failed: list[str] = []
     try:
-        return subprocess.call(cmd)
+        code = _run_teeing(cmd, failed)
     except KeyboardInterrupt:  # the launcher forwards Ctrl-C to the ranks, which checkpoint and exit 130
         return 130
+    if code not in (0, 130):
+        from common.train.loop import resume_command
+
+        who = f"rank {failed[0]}" if failed else "a process"
+        print(f"error: {who} of the {nproc}-process job failed (exit status {code}; its output is above) and the "
+              f"launcher stopped the others; continue from the last checkpoint with: {resume_command(Path('.'))}",
+              file=sys.stderr)
+    return code
+
+
+# torchrun's failure summary: "  rank      : 1 (local_rank: 1)"; mlx.launch: "... rank 1 ..."
+_RANK = re.compile(r"^\s*(?:\[\d+\]:\s*)?rank\s*:\s*(\d+)|\brank (\d+)\b")
+
+
+def _run_teeing(cmd: list[str], failed: list[str]) -> int:
+    """Run ``cmd``, passing its stderr through and noting the rank its failure report names."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace")
+    named, root = [], False
+    for line in proc.stderr:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        root = root or "Root Cause" in line  # torchrun names the first rank to fail after this
+        if m := _RANK.search(line):
+            named.append((not root, m.group(1) or m.group(2)))
+    if named:
+        failed.append(min(named)[1] if any(not late for late, _ in named) else named[0][1])
+    return proc.wait()
