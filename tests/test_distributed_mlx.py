@@ -40,3 +40,16 @@ def test_two_mlx_ranks_equal_one_rank_with_grad_accum_doubled(runs):
     wa, wb = adapter(one), adapter(two)
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6
     assert proc.stdout.count("adapter: ") == 1  # rank 0 alone reports and writes
+
+
+def test_a_killed_mlx_rank_ends_the_job_naming_it(runs, tiny_model_dir, tmp_path):
+    from test_distributed import kill_a_rank
+
+    data = runs[0].parent / "data"
+    out = tmp_path / "run"
+    args = mlx_args(tiny_model_dir, data, out, 2, "--save-every", "5")
+    args[args.index("--max-steps") + 1] = "100000"
+    result, seconds = kill_a_rank([*args, "--nproc", "2"], out, "MLX_RANK")
+    assert result.returncode != 0
+    assert seconds < 60
+    assert "rank 1" in result.stderr, result.stderr[-3000:]

@@ -69,16 +69,25 @@ def relaunch(backend: str, nproc: int, argv: list[str] | None = None) -> int:
 _RANK = re.compile(r"^\s*(?:\[\d+\]:\s*)?rank\s*:\s*(\d+)|\brank (\d+)\b")
 
 
+_NODE = re.compile(r"Node with rank (\d+) exited with code (-?\d+)")
+
+
 def _run_teeing(cmd: list[str], failed: list[str]) -> int:
     """Run ``cmd``, passing its stderr through and noting the rank its failure report names."""
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace")
-    named, root = [], False
+    named, nodes, root = [], [], False
     for line in proc.stderr:
         sys.stderr.write(line)
         sys.stderr.flush()
         root = root or "Root Cause" in line  # torchrun names the first rank to fail after this
-        if m := _RANK.search(line):
+        if (n := _NODE.search(line)) and n.group(2) != "0":
+            nodes.append((n.group(1), int(n.group(2))))
+        elif m := _RANK.search(line):
             named.append((not root, m.group(1) or m.group(2)))
+    code = proc.wait()
+    if nodes:  # mlx.launch stops the other ranks when one dies, but exits 0: the first to end names it
+        failed.append(nodes[0][0])
+        return code or (nodes[0][1] if nodes[0][1] > 0 else 128 - nodes[0][1])  # -9: killed, 137
     if named:
         failed.append(min(named)[1] if any(not late for late, _ in named) else named[0][1])
-    return proc.wait()
+    return code
