@@ -187,3 +187,41 @@ def test_a_killed_rank_ends_the_job_naming_it(runs, tmp_path):
     assert seconds < 60
     assert "rank 1" in result.stderr, result.stderr[-3000:]
     assert "--resume" in result.stderr
+
+
+def test_world_comes_from_the_launchers_environment():
+    from common.errors import UserError
+    from common.train.world import World, from_env
+
+    assert from_env({}) == World()
+    w = from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert (w.rank, w.size, w.local_rank, w.is_main, w.distributed, w.launcher) == (1, 2, 1, False, True, "torchrun")
+    assert from_env({"MLX_RANK": "0"}).distributed  # size known only once mx.distributed joins
+    with pytest.raises(UserError, match="rank 2 is outside a world of 2"):
+        from_env({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+class _Gathered:
+    """The all_sum of a 2-rank job whose rank 1 resolved ``other`` (what the collective would return)."""
+
+    def __init__(self, other: dict):
+        self.other = other
+
+    def all_sum(self, values):
+        from common import config
+        from common.train.world import config_digest
+
+        theirs = config_digest({"config": config.to_dict(self.other), "data": {"sha256": "x"}})
+        return [a + b for a, b in zip(values, [0.0] * 4 + theirs, strict=True)]
+
+
+def test_ranks_with_another_config_are_named():
+    from common.errors import UserError
+    from common.options import TrainConfig
+    from common.train.cmd import _check_same_config
+    from common.train.world import World
+
+    cfg = TrainConfig(model="m", lora_r=4)
+    _check_same_config(_Gathered(cfg), World(0, 2), cfg, {"sha256": "x"})  # the same: no error
+    with pytest.raises(UserError, match="rank 1 resolved a different configuration"):
+        _check_same_config(_Gathered(TrainConfig(model="m", lora_r=8)), World(0, 2), cfg, {"sha256": "x"})

@@ -294,7 +294,7 @@ def _check_same_config(backend, world, cfg: TrainConfig, fingerprint: dict[str, 
         groups.setdefault(tuple(every[4 * r: 4 * r + 4]), []).append(r)
     if len(groups) > 1:
         differ = [r for g in groups.values() if 0 not in g for r in g]
-        raise UserError(f"ranks {', '.join(map(str, differ))} resolved a different configuration or data than "
+        raise UserError(f"rank{'s' if len(differ) > 1 else ''} {', '.join(map(str, differ))} resolved a different configuration or data than "
                         "rank 0: every rank must run the same command on the same files")
 
 
