@@ -374,6 +374,8 @@ class Trainer:
                         self.log.log("early_stop", s.step, best_step=s.best_step, best_eval_loss=s.best_eval_loss)
                         progress.print(f"early stop: {s.evals_without_improvement} evaluations without improvement")
                         break
+                if self.world.distributed:  # a Ctrl-C may reach the ranks at different steps: stop together
+                    interrupt.requested = self.backend.all_sum([float(interrupt.requested)])[0] > 0
                 if interrupt.requested:
                     self.stop_reason = "interrupted"
                     break
