@@ -94,6 +94,8 @@ class LoopOptions:
     nonfinite: Literal["skip", "abort"] = opt("skip", "on a NaN/inf loss or gradient: skip the step or stop the run")
     resume: bool = opt(False, "continue from the newest verified checkpoint in --out")
     allow_partial_resume: bool = opt(False, "resume even if the optimizer state is missing")
+    allow_global_batch_change: bool = opt(False, "resume with another global batch (batch size x grad accum x "
+                                          "processes) than the checkpoint's")
 
 
 @dataclass
@@ -114,6 +116,8 @@ class DeviceOptions:
     device: str | None = opt(None, "torch device (cuda, cuda:1, mps, cpu); default: the best available")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "compute dtype; auto = bf16 on GPUs that "
                                                                    "support it, fp16 on older GPUs, fp32 on CPU")
+    nproc: int = opt(1, "data-parallel processes on this machine: re-runs this command under torchrun (torch) or "
+                     "mlx.launch (mlx), one per GPU; each takes --batch-size x --grad-accum per step", min=1)
 
 
 @dataclass

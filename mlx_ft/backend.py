@@ -28,6 +28,7 @@ from common.errors import UserError
 from common.io import atomic_path, write_json
 from common.options import TrainConfig
 from common.train.backend import BackendInfo, Batch, StepStats
+from common.train.world import World
 from mlx_ft import lanes, lora, peft_format
 from mlx_ft import loss as mlxloss
 from mlx_ft import model as mlxm
@@ -79,6 +80,28 @@ class MLXBackend:
         self.compile = compile  # mx.compile the step functions (tests compare both ways)
         self.model: nn.Module | None = None
         self.received: dict[str, mx.array] | None = None  # the last batch's arrays (tests read them)
+        self.world = World()
+        self.group = None  # mx.distributed's group under mlx.launch
+
+    # -- data parallelism (mlx.launch) ---------------------------------------------------
+
+    def init_world(self, world: World, cfg: TrainConfig) -> World:
+        """Join the ranks mlx.launch started (ring over TCP by default; jaccl over Thunderbolt where offered)."""
+        try:
+            self.group = mx.distributed.init(strict=True)
+        except (RuntimeError, ValueError) as exc:
+            raise UserError(f"rank {world.rank}: cannot join the mlx.launch job: {exc}") from None
+        self.world = World(self.group.rank(), self.group.size(), 0, world.launcher)
+        return self.world
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        if not self.world.distributed:
+            return list(values)
+        out = mx.distributed.all_sum(mx.array(values, dtype=mx.float32), group=self.group, stream=mx.cpu)
+        return [float(v) for v in out.tolist()]
+
+    def close_world(self) -> None:
+        pass  # mx.distributed has no teardown: the group ends with the process
 
     # -- setup -------------------------------------------------------------------
 
@@ -236,9 +259,12 @@ class MLXBackend:
 
     def optimizer_step(self, lr: float, max_grad_norm: float, skip: bool = False) -> StepStats:
         grads, self._grads = self._grads, None
-        loss_finite, self._nonfinite = not self._nonfinite, False
+        # Under data parallelism the loop decides from the summed loss, identical on every rank.
+        loss_finite, self._nonfinite = not self._nonfinite or self.world.distributed, False
         if skip or not loss_finite or grads is None:
             return StepStats(grad_norm=float("nan"), finite=loss_finite, skipped=True)
+        if self.world.distributed:  # SUM (the loss is normalised by the global token count), before clipping
+            grads = tree_map(lambda g: mx.distributed.all_sum(g, group=self.group, stream=mx.cpu), grads)
         self.optimizer.learning_rate = lr
         limit = max_grad_norm if max_grad_norm > 0 else math.inf
         norm = self._update(grads, mx.array(limit, dtype=mx.float32))

@@ -16,8 +16,10 @@ from common.errors import UserError
 from common.options import TrainConfig
 from common.peft import CONFIG, WEIGHTS
 from common.train.backend import BackendInfo, Batch, StepStats
+from common.train.world import World
 from torch_ft import attention, kernels, lora_forward
 from torch_ft import device as devices
+from torch_ft import dist as dists
 from torch_ft import plan as plans
 from torch_ft import state as states
 from torch_ft.loss import model_inputs, supervised_loss
@@ -38,11 +40,28 @@ class TorchBackend:
         self.prec: devices.Precision | None = None
         self._nonfinite = False  # a non-finite loss was seen since the last optimizer step
         self._mode: bool | None = None
+        self.world = World()
+
+    # -- data parallelism (torchrun) ---------------------------------------------------
+
+    def init_world(self, world: World, cfg: TrainConfig) -> World:
+        """Join the job's process group before setup (which then loads onto this rank's GPU)."""
+        self.world = world
+        if world.distributed:
+            dists.init(world, devices.choose(cfg.device, cfg.dtype).kind)
+        return world
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        return dists.all_sum(values) if self.world.distributed else list(values)
+
+    def close_world(self) -> None:
+        if self.world.distributed:
+            dists.close()
 
     # -- setup -----------------------------------------------------------------
 
     def setup(self, model_dir: Path, cfg: TrainConfig, pad_id: int) -> BackendInfo:
-        self.prec = devices.choose(cfg.device, cfg.dtype)
+        self.prec = devices.choose(cfg.device, cfg.dtype)  # 'cuda' = this rank's GPU (dists.init set it)
         self.pad_id = pad_id
         base = load_base(Path(model_dir), cfg, self.prec)
         kernel_note = kernels.apply(base, self.prec, cfg.kernels)
@@ -119,11 +138,14 @@ class TorchBackend:
     def optimizer_step(self, lr: float, max_grad_norm: float, skip: bool = False) -> StepStats:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss_finite = not self._nonfinite
+        # Under data parallelism the loop decides from the summed loss, identical on every rank.
+        loss_finite = not self._nonfinite or self.world.distributed
         self._nonfinite = False
         if skip or not loss_finite:
             self.optimizer.zero_grad(set_to_none=True)
             return StepStats(grad_norm=float("nan"), finite=loss_finite, skipped=True)
+        if self.world.distributed:  # before clipping and the finiteness check: one rank's NaN stops all
+            dists.all_reduce_grads(self.params)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         limit = max_grad_norm if max_grad_norm > 0 else float("inf")

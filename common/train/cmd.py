@@ -180,30 +180,47 @@ def _run(cfg: TrainConfig, console, held: contextlib.ExitStack) -> int:
     from common.train.loop import INTERRUPTED, Trainer, planned_steps
     from common.train.metrics import MetricsLog, check_reporters, truncate_after
     from common.train.plot import plot_loss
+    from common.train.world import from_env
 
-    console = console or Console(stderr=True)
+    world = from_env()
+    # Under a launcher every rank runs this; only rank 0 prints (errors still reach stderr) and writes.
+    console = console or Console(stderr=True, quiet=not world.is_main)
     backend_name = backends.resolve(cfg.backend)
     check_reporters(cfg.report_to)
+    if cfg.nproc > 1 and not world.launcher:
+        from common.train.launch import relaunch
+
+        return relaunch(backend_name, cfg.nproc)
+    backend = None
+    if world.distributed:
+        backend = backends.load_backend(backend_name)
+        world = _join_world(backend, world, cfg, held)
     p = prepare(cfg, console)
-    held.callback(lock_for_training(p.run_dir, resume=cfg.resume).release)
+    if world.is_main:
+        held.callback(lock_for_training(p.run_dir, resume=cfg.resume).release)
     cfg = with_default_lr(cfg, p.resolved.path, console)
+    if world.distributed:  # also a barrier: no rank sees rank 0's files before all have checked the directory
+        _check_same_config(backend, world, cfg, p.fingerprint)
     info_for_resume = run_info(cfg, backend=backend_name, model_dir=p.resolved.path, tokenizer=p.tokenizer,
                                data_fingerprint=p.fingerprint, train_examples=p.data.train)
+    # The data order and each step's examples depend on the global batch, not on how it is split:
+    # a checkpoint of 2 ranks x grad_accum 2 resumes on 1 rank x grad_accum 4.
+    info_for_resume["global_batch"] = cfg.batch_size * info_for_resume.pop("grad_accum") * world.size
     resume_from = None
     if cfg.resume:
         resume_from = ckpts.newest_verified(p.run_dir, warn=lambda m: console.print(f"[yellow]warning: {m}[/]"))
         if resume_from is None:
             raise UserError(f"--resume: no checkpoint in {p.run_dir / 'checkpoints'} verifies; "
                             "run without --resume (and another --out) to start over")
-        ckpts.check_compatible(resume_from, info_for_resume)
-        finished = ckpts.finished(p.run_dir, resume_from, planned_steps(cfg, p.data))
+        _check_resumable(resume_from, info_for_resume, cfg.allow_global_batch_change)
+        finished = ckpts.finished(p.run_dir, resume_from, planned_steps(cfg, p.data, world.size))
         if finished:  # nothing to train: leave every file as it is
             console.print(finished)
             return 0
     plan = backends.device_plan(backend_name, cfg.device, cfg.dtype)
     _preflight(cfg, p.resolved, max(len(e) for e in p.data.train), plan, console)
 
-    backend = backends.load_backend(backend_name)
+    backend = backend or backends.load_backend(backend_name)
     info = backend.setup(p.resolved.path, cfg, p.data.pad_id)
     console.print(f"backend {backend_name}: {info.device}, {info.dtype}; LoRA r={cfg.lora_r} alpha={cfg.lora_alpha:g} "
                   f"on {', '.join(info.target_modules)}: {info.trainable_params:,} trainable of "
@@ -211,31 +228,92 @@ def _run(cfg: TrainConfig, console, held: contextlib.ExitStack) -> int:
     for note in info.notes:
         console.print(f"  {note}", highlight=False)
 
-    p.run_dir.mkdir(parents=True, exist_ok=True)
-    ckpts.remove_stale(p.run_dir)
-    write_description(p, cfg, backend_name)
     metrics_file = p.run_dir / "metrics.jsonl"
-    if resume_from is not None:
-        truncate_after(metrics_file, ckpts.read(resume_from)[0]["step"])
-        console.print(f"resuming from {resume_from}")
-    log = MetricsLog(metrics_file, cfg.report_to, cfg.run_name or p.run_dir.name, config.to_dict(cfg),
-                     p.run_dir / "tensorboard", project=cfg.wandb_project)
+    if world.is_main:
+        p.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpts.remove_stale(p.run_dir)
+        write_description(p, cfg, backend_name)
+        if resume_from is not None:
+            truncate_after(metrics_file, ckpts.read(resume_from)[0]["step"])
+            console.print(f"resuming from {resume_from}")
+        log = MetricsLog(metrics_file, cfg.report_to, cfg.run_name or p.run_dir.name, config.to_dict(cfg),
+                         p.run_dir / "tensorboard", project=cfg.wandb_project)
+    else:
+        log = _NoLog()
     trainer = Trainer(cfg, backend, p.data, p.run_dir, base_model=str(p.resolved.path), run_info=info_for_resume,
-                      log=log, progress_console=console)
+                      log=log, progress_console=console, world=world)
+    ranks = f" on each of {world.size} ranks ({world.launcher})" if world.distributed else ""
     console.print(f"training {trainer.total_steps} steps of {cfg.batch_size} x {cfg.grad_accum} "
-                  f"{'packed rows' if cfg.packing else 'examples'} into {p.run_dir}")
+                  f"{'packed rows' if cfg.packing else 'examples'}{ranks} into {p.run_dir}")
     try:
         summary = trainer.fit(resume_from)
     finally:
         log.close()
-        plot_loss(metrics_file, p.run_dir / "loss.png", title=f"{cfg.run_name or p.run_dir.name}: "
-                  f"{p.resolved.spec} ({backend_name})")
+        if world.is_main:
+            plot_loss(metrics_file, p.run_dir / "loss.png", title=f"{cfg.run_name or p.run_dir.name}: "
+                      f"{p.resolved.spec} ({backend_name})")
+    if not world.is_main:
+        return INTERRUPTED if summary["stop_reason"] == "interrupted" else 0
     summary.update({"backend": backend_name, "device": info.device, "dtype": info.dtype,
                     "trainable_params": info.trainable_params, "total_params": info.total_params,
                     "target_modules": info.target_modules, "base_model": str(p.resolved.path)})
     write_json(p.run_dir / "summary.json", summary)
     _report(console, p.run_dir, summary)
     return INTERRUPTED if summary["stop_reason"] == "interrupted" else 0
+
+
+class _NoLog:
+    """The metrics log of ranks other than 0: rank 0 writes every row once."""
+
+    def log(self, event: str, step: int, **values: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _join_world(backend, world, cfg: TrainConfig, held: contextlib.ExitStack):
+    if not hasattr(backend, "all_sum"):
+        raise UserError(f"the {backend.name} backend does not train data-parallel ({world.launcher} started "
+                        f"{world.size or 'several'} processes); run one process")
+    world = backend.init_world(world, cfg)
+    held.callback(backend.close_world)
+    return world
+
+
+def _check_same_config(backend, world, cfg: TrainConfig, fingerprint: dict[str, Any]) -> None:
+    """Every rank must train the same thing: compare a digest of the resolved config and the data."""
+    from common.train.world import config_digest
+
+    digest = config_digest({"config": config.to_dict(cfg), "data": fingerprint})
+    mine = [0.0] * (4 * world.size)
+    mine[4 * world.rank: 4 * world.rank + 4] = digest
+    every = backend.all_sum(mine)  # a gather: each rank fills its own slots
+    groups: dict[tuple, list[int]] = {}
+    for r in range(world.size):
+        groups.setdefault(tuple(every[4 * r: 4 * r + 4]), []).append(r)
+    if len(groups) > 1:
+        differ = [r for g in groups.values() if 0 not in g for r in g]
+        raise UserError(f"rank{'s' if len(differ) > 1 else ''} {', '.join(map(str, differ))} resolved a different configuration or data than "
+                        "rank 0: every rank must run the same command on the same files")
+
+
+def _check_resumable(ckpt: Path, current: dict[str, Any], allow_batch_change: bool) -> None:
+    from common.train import checkpoint as ckpts
+
+    saved = dict(ckpts.read(ckpt)[1])
+    if "grad_accum" in saved:  # a checkpoint from before data parallelism: one process
+        saved["global_batch"] = saved.get("batch_size", 0) * saved.pop("grad_accum")
+    found = ckpts.mismatches(saved, current)
+    batch = [m for m in found if m.startswith("global_batch:")]
+    if batch and allow_batch_change:
+        found = [m for m in found if m not in batch]
+    elif batch:
+        found = [m + " (batch size x grad accum x processes: adjust --grad-accum to the number of processes, "
+                 "or pass --allow-global-batch-change)" if m in batch else m for m in found]
+    if found:
+        raise UserError(f"cannot resume from {ckpt}: the run differs from the checkpoint's "
+                        "(start a new --out, or restore the original settings)", found)
 
 
 def _report(console, run_dir: Path, s: dict[str, Any]) -> None:

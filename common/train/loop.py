@@ -31,6 +31,7 @@ from common.train.batching import DataStream, Position, eval_plan, make_batch
 from common.train.metrics import MetricsLog
 from common.train.progress import TrainProgress
 from common.train.schedule import lr_at
+from common.train.world import World
 
 INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT), checkpoint written
 
@@ -124,21 +125,24 @@ def _stream(cfg: Any, data: TrainData) -> DataStream:
                       group_by_length=cfg.group_by_length, packing=cfg.packing, max_len=cfg.max_seq_length)
 
 
-def _total_steps(cfg: Any, stream: DataStream) -> int:
+def _total_steps(cfg: Any, stream: DataStream, world_size: int = 1) -> int:
     if cfg.max_steps is not None:
         return cfg.max_steps
-    return max(1, math.ceil(stream.micro_batches_for(cfg.epochs) / cfg.grad_accum))
+    return max(1, math.ceil(stream.micro_batches_for(cfg.epochs) / (cfg.grad_accum * world_size)))
 
 
-def planned_steps(cfg: Any, data: TrainData) -> int:
-    """The optimizer steps ``cfg`` asks for on ``data`` (what a Trainer would run)."""
-    return _total_steps(cfg, _stream(cfg, data))
+def planned_steps(cfg: Any, data: TrainData, world_size: int = 1) -> int:
+    """The optimizer steps ``cfg`` asks for on ``data`` (what a Trainer would run) on ``world_size`` ranks."""
+    return _total_steps(cfg, _stream(cfg, data), world_size)
 
 
 class Trainer:
     def __init__(self, cfg: Any, backend: Backend, data: TrainData, run_dir: Path, *, base_model: str,
-                 run_info: dict[str, Any], log: MetricsLog, progress_console=None):
+                 run_info: dict[str, Any], log: MetricsLog, progress_console=None, world: World | None = None):
         self.cfg = cfg
+        # Data parallelism: every rank draws the same micro-batches and trains on its share;
+        # rank 0 alone writes (the caller gives the others a log that drops everything).
+        self.world = world or World()
         self.backend = backend
         self.data = data
         self.run_dir = Path(run_dir)
@@ -148,7 +152,7 @@ class Trainer:
         self.console = progress_console
         self.state = LoopState()
         self.stream = _stream(cfg, data)
-        self.total_steps = _total_steps(cfg, self.stream)
+        self.total_steps = _total_steps(cfg, self.stream, self.world.size)
         self.last_checkpoint: Path | None = None
         self.verified: set[Path] = set()  # checkpoints this process wrote and verified
         self.stop_reason = "completed"
@@ -179,7 +183,7 @@ class Trainer:
         if self.cfg.eval_batches is not None:
             plan = plan[: self.cfg.eval_batches]
         total, count, bad, n_bad = 0.0, 0, [], 0
-        for rows in plan:
+        for rows in plan[self.world.rank::self.world.size]:
             s, n = self.backend.eval_loss(make_batch([[self.data.valid[i] for i in row] for row in rows],
                                                      self.data.pad_id))
             if not math.isfinite(s):
@@ -187,9 +191,13 @@ class Trainer:
                 bad += [str(self.data.valid[i].source) for row in rows for i in row if self.data.valid[i].source]
             total += s
             count += n
+        if self.world.distributed:
+            total, count, n_bad = self.backend.all_sum([total, count, n_bad])
         return (total / count if count else None), sorted(set(bad)), n_bad == len(plan)
 
     def samples(self, progress: TrainProgress) -> None:
+        if not self.world.is_main:
+            return
         for k, sample in enumerate(self.data.samples[: self.cfg.sample_prompts]):
             ids = self.backend.generate(sample.prompt_ids, sample.max_new_tokens, self.data.stop_ids)
             text = self.data.decode(ids)
@@ -227,6 +235,8 @@ class Trainer:
         self.samples(progress)
 
     def save_best(self) -> None:
+        if not self.world.is_main:
+            return
         try:
             with atomic_dir(self.run_dir / "adapter") as tmp:
                 self.backend.save_adapter(tmp, self.base_model)
@@ -266,6 +276,8 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------
 
     def save_checkpoint(self, progress: TrainProgress) -> None:
+        if not self.world.is_main:  # optimizer state is the same on every rank: rank 0's copy is the checkpoint
+            return
         s = self.state
         s.epoch, s.index = self.stream.position.epoch, self.stream.position.index
         s.python_rng, s.numpy_rng = _rng_states()
@@ -296,17 +308,20 @@ class Trainer:
 
         The loss is None for a step without a single target token (nothing to learn: skipped).
         """
-        cfg, s = self.cfg, self.state
-        micro = [self.stream.next() for _ in range(cfg.grad_accum)]
-        total = sum(b.n_supervised for b, _ in micro)
+        cfg, s, world = self.cfg, self.state, self.world
+        micro = [self.stream.next() for _ in range(cfg.grad_accum * world.size)]
+        total = sum(b.n_supervised for b, _ in micro)  # of the global step: the same on every rank
         lr = lr_at(s.step, peak=cfg.peak_lr, warmup=cfg.warmup_steps, total=self.total_steps, kind=cfg.schedule)
         loss_sum, finite = 0.0, True
-        for batch, _ in micro:
+        for batch, _ in micro[world.rank::world.size]:
             if total == 0:
                 break
             value = self.backend.forward_backward(batch, 1.0 / total)
             loss_sum += value
             finite = finite and math.isfinite(value)
+        if world.distributed and total:  # every rank then skips, or steps, alike
+            loss_sum = self.backend.all_sum([loss_sum])[0]
+            finite = math.isfinite(loss_sum)
         stats = self.backend.optimizer_step(lr, cfg.max_grad_norm, skip=total == 0 or not finite)
         s.tokens += sum(b.n_tokens for b, _ in micro)
         s.step += 1
@@ -343,9 +358,11 @@ class Trainer:
                 elif not stats.finite or not math.isfinite(loss):
                     self.handle_nonfinite(loss, stats, indices, progress)
                 elif s.step % cfg.log_every == 0 or s.step == self.total_steps:
+                    per_rank = {"world_size": self.world.size, "tokens_per_s_per_rank": round(tps / self.world.size, 1)
+                                } if self.world.distributed else {}
                     self.log.log("train", s.step, loss=loss, lr=lr, grad_norm=stats.grad_norm, tokens=s.tokens,
                                  tokens_per_s=round(tps, 1), skipped=stats.skipped,
-                                 epoch=round(self.epoch_progress(), 4))
+                                 epoch=round(self.epoch_progress(), 4), **per_rank)
                 progress.update(s.step, loss=loss if loss is not None and math.isfinite(loss) else None, lr=lr, tokens_per_s=tps,
                                 peak_memory=self.backend.peak_memory())
                 if cfg.eval_every and s.step % cfg.eval_every == 0 and s.step < self.total_steps:
@@ -357,6 +374,8 @@ class Trainer:
                         self.log.log("early_stop", s.step, best_step=s.best_step, best_eval_loss=s.best_eval_loss)
                         progress.print(f"early stop: {s.evals_without_improvement} evaluations without improvement")
                         break
+                if self.world.distributed:  # a Ctrl-C may reach the ranks at different steps: stop together
+                    interrupt.requested = self.backend.all_sum([float(interrupt.requested)])[0] > 0
                 if interrupt.requested:
                     self.stop_reason = "interrupted"
                     break

@@ -1,0 +1,55 @@
+"""Data-parallel training on MLX: mlx.launch with 2 ring ranks over 127.0.0.1 against one process."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("mlx.core")
+pytest.importorskip("mlx_lm")
+
+from test_distributed import STEPS, adapter, run, train_args, train_rows  # noqa: E402
+from tiny_run import copy_data  # noqa: E402
+
+pytestmark = [pytest.mark.mlx, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+
+def mlx_args(*args) -> list[str]:
+    out = train_args(*args)
+    out[out.index("torch")] = "mlx"
+    i = out.index("--device")
+    return out[:i] + out[i + 2:]  # a torch option
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("dist-mlx")
+    data = copy_data(base / "data", train=12, valid=2, test=0)
+    one, two = base / "one", base / "two"
+    run(mlx_args(tiny_model_dir, data, one, 4))
+    proc = run([*mlx_args(tiny_model_dir, data, two, 2), "--nproc", "2"])  # mlx.launch -n 2 --backend ring
+    return one, two, proc
+
+
+def test_two_mlx_ranks_equal_one_rank_with_grad_accum_doubled(runs):
+    one, two, proc = runs
+    a, b = train_rows(one), train_rows(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+        assert y["world_size"] == 2
+    wa, wb = adapter(one), adapter(two)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6
+    assert proc.stdout.count("adapter: ") == 1  # rank 0 alone reports and writes
+
+
+def test_a_killed_mlx_rank_ends_the_job_naming_it(runs, tiny_model_dir, tmp_path):
+    from test_distributed import kill_a_rank
+
+    data = runs[0].parent / "data"
+    out = tmp_path / "run"
+    args = mlx_args(tiny_model_dir, data, out, 2, "--save-every", "5")
+    args[args.index("--max-steps") + 1] = "100000"
+    result, seconds = kill_a_rank([*args, "--nproc", "2"], out, "MLX_RANK")
+    assert result.returncode != 0
+    assert seconds < 60
+    assert "rank 1" in result.stderr, result.stderr[-3000:]
