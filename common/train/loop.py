@@ -24,8 +24,9 @@ from common.errors import UserError
 from common.io import atomic_dir
 from common.rows import Example
 from common.train import checkpoint as ckpts
+from common.train import methods
 from common.train.backend import Backend
-from common.train.batching import DataStream, Position, eval_plan, make_batch
+from common.train.batching import DataStream, Position, eval_plan
 from common.train.metrics import MetricsLog
 from common.train.progress import TrainProgress
 from common.train.schedule import lr_at
@@ -121,8 +122,11 @@ class Trainer:
         self.log = log
         self.console = progress_console
         self.state = LoopState()
+        self.method = methods.for_config(cfg, data.pad_id)  # sft, dpo or orpo: batch builder, units, loss
+        self.packing = cfg.packing and self.method.packs_examples
         self.stream = DataStream(data.train, batch_size=cfg.batch_size, seed=cfg.seed, pad_id=data.pad_id,
-                                 group_by_length=cfg.group_by_length, packing=cfg.packing, max_len=cfg.max_seq_length)
+                                 group_by_length=cfg.group_by_length, packing=self.packing, max_len=cfg.max_seq_length,
+                                 build=self.method.build)
         if cfg.max_steps is not None:
             self.total_steps = cfg.max_steps
         else:
@@ -149,13 +153,13 @@ class Trainer:
         if not self.data.valid:
             return None
         plan = eval_plan([len(e) for e in self.data.valid], batch_size=self.cfg.batch_size,
-                         packing=self.cfg.packing, max_len=self.cfg.max_seq_length)
+                         packing=self.packing, max_len=self.cfg.max_seq_length)
         if self.cfg.eval_batches is not None:
             plan = plan[: self.cfg.eval_batches]
         total, count = 0.0, 0
         for rows in plan:
-            s, n = self.backend.eval_loss(make_batch([[self.data.valid[i] for i in row] for row in rows],
-                                                     self.data.pad_id))
+            s, n = self.method.eval_loss(self.backend, self.method.build([[self.data.valid[i] for i in row]
+                                                                          for row in rows]))
             total += s
             count += n
         return total / count if count else None
@@ -184,7 +188,8 @@ class Trainer:
             self.save_best()
         else:
             s.evals_without_improvement += 1
-        self.log.log("eval", s.step, eval_loss=loss, best=improved, best_eval_loss=s.best_eval_loss)
+        self.log.log("eval", s.step, eval_loss=loss, best=improved, best_eval_loss=s.best_eval_loss,
+                     **self.method.take_eval_metrics())
         progress.print(f"step {s.step}: eval loss {loss:.4f}" + (" (best)" if improved else
                                                                   f" (best {s.best_eval_loss:.4f} at step {s.best_step})"))
         progress.update(s.step, eval_loss=loss)
@@ -225,13 +230,13 @@ class Trainer:
         """
         cfg, s = self.cfg, self.state
         micro = [self.stream.next() for _ in range(cfg.grad_accum)]
-        total = sum(b.n_supervised for b, _ in micro)
+        total = sum(self.method.units(b) for b, _ in micro)  # supervised tokens (sft) or pairs (dpo, orpo)
         lr = lr_at(s.step, peak=cfg.peak_lr, warmup=cfg.warmup_steps, total=self.total_steps, kind=cfg.schedule)
         loss_sum, finite = 0.0, True
         for batch, _ in micro:
             if total == 0:
                 break
-            value = self.backend.forward_backward(batch, 1.0 / total)
+            value = self.method.forward_backward(self.backend, batch, 1.0 / total)
             loss_sum += value
             finite = finite and math.isfinite(value)
         stats = self.backend.optimizer_step(lr, cfg.max_grad_norm, skip=total == 0 or not finite)
@@ -263,6 +268,7 @@ class Trainer:
             while s.step < self.total_steps:
                 t0 = time.perf_counter()
                 loss, stats, indices, lr = self.train_step()
+                extra = self.method.take_metrics()  # rewards/... of dpo and orpo
                 s.train_time_s += time.perf_counter() - t0
                 tps = s.tokens / s.train_time_s if s.train_time_s > 0 else 0.0
                 if loss is None:
@@ -272,9 +278,10 @@ class Trainer:
                 elif s.step % cfg.log_every == 0 or s.step == self.total_steps:
                     self.log.log("train", s.step, loss=loss, lr=lr, grad_norm=stats.grad_norm, tokens=s.tokens,
                                  tokens_per_s=round(tps, 1), skipped=stats.skipped,
-                                 epoch=round(self.epoch_progress(), 4))
+                                 epoch=round(self.epoch_progress(), 4), **extra)
                 progress.update(s.step, loss=loss if loss is not None and math.isfinite(loss) else None, lr=lr, tokens_per_s=tps,
-                                peak_memory=self.backend.peak_memory())
+                                peak_memory=self.backend.peak_memory(), margin=extra.get("rewards/margins"),
+                                accuracy=extra.get("rewards/accuracies"))
                 if cfg.eval_every and s.step % cfg.eval_every == 0 and s.step < self.total_steps:
                     self.eval_and_keep_best(progress)
                     if cfg.early_stop_patience and s.evals_without_improvement >= cfg.early_stop_patience:

@@ -1,4 +1,5 @@
-"""The live training display (rich): step, loss, eval loss, lr, tokens/s, peak memory, ETA.
+"""The live training display (rich): step, loss, eval loss, lr, tokens/s, peak memory, ETA
+(and, for DPO/ORPO, the mean reward margin and accuracy of the step's pairs).
 
 On a terminal it is a progress bar with the numbers beside it; in a log (no terminal)
 it prints one plain line every few percent so CI logs stay readable.
@@ -26,14 +27,14 @@ class TrainProgress:
         self.total = total_steps
         self.live = self.console.is_terminal
         self.every = max(1, total_steps // 20)
-        self.fields = {"loss": "-", "eval": "-", "lr": "-", "tps": "-", "mem": "-"}
+        self.fields = {"loss": "-", "eval": "-", "lr": "-", "tps": "-", "mem": "-", "pref": ""}
         self.progress = None
         self.printed = start_step
         if self.live:
             self.progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]}  eval {task.fields[eval]}  lr {task.fields[lr]}  "
-                           "{task.fields[tps]} tok/s  mem {task.fields[mem]}"),
+                           "{task.fields[tps]} tok/s  mem {task.fields[mem]}{task.fields[pref]}"),
                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                 console=self.console, transient=False)
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step, **self.fields)
@@ -48,7 +49,8 @@ class TrainProgress:
             self.progress.stop()
 
     def update(self, step: int, *, loss: float | None = None, eval_loss: float | None = None,
-               lr: float | None = None, tokens_per_s: float | None = None, peak_memory: int | None = None) -> None:
+               lr: float | None = None, tokens_per_s: float | None = None, peak_memory: int | None = None,
+               margin: float | None = None, accuracy: float | None = None) -> None:
         if loss is not None:
             self.fields["loss"] = f"{loss:.4f}"
         if eval_loss is not None:
@@ -59,13 +61,15 @@ class TrainProgress:
             self.fields["tps"] = f"{tokens_per_s:,.0f}"
         if peak_memory is not None:
             self.fields["mem"] = human_bytes(peak_memory)
+        if margin is not None and accuracy is not None:  # rewards/margins and rewards/accuracies (TRL's names)
+            self.fields["pref"] = f"  margin {margin:+.3f} acc {accuracy:.0%}"
         if self.progress is not None:
             self.progress.update(self.task, completed=step, **self.fields)
         elif step != self.printed and (step % self.every == 0 or step == self.total):
             self.printed = step
             f = self.fields
             self.console.print(f"step {step}/{self.total}  loss {f['loss']}  eval {f['eval']}  lr {f['lr']}  "
-                               f"{f['tps']} tok/s  mem {f['mem']}", highlight=False)
+                               f"{f['tps']} tok/s  mem {f['mem']}{f['pref']}", highlight=False)
 
     def print(self, *args, **kwargs) -> None:
         """Print above the bar (samples, warnings, checkpoint notes)."""
