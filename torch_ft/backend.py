@@ -15,7 +15,7 @@ import torch
 
 from common.errors import UserError
 from common.train.backend import CPU_RECOMPUTE_EVERY, BackendInfo, Batch, StepStats, rows_per_pass
-from torch_ft import attention, kernels, lora_forward
+from torch_ft import attention, kernels, lora_forward, preference
 from torch_ft import device as devices
 from torch_ft import state as states
 from torch_ft.loss import model_inputs, supervised_loss
@@ -223,3 +223,14 @@ class TorchBackend:
 
     def peak_memory(self) -> int | None:
         return devices.peak_memory(self.prec) if self.prec is not None else None
+
+    # -- preference methods (DPO, ORPO): common.train.methods.PreferenceBackend ------------
+
+    def sequence_logps(self, batch: Batch, adapter: bool = True) -> list[tuple[float, int]]:
+        return preference.sequence_logps(self, batch, adapter)
+
+    def preference_forward_backward(self, batch, scale: float, spec) -> tuple[float, dict[str, float]]:
+        return preference.forward_backward(self, batch, scale, spec)
+
+    def preference_eval(self, batch, spec) -> tuple[float, dict[str, float]]:
+        return preference.evaluate(self, batch, spec)
