@@ -118,6 +118,15 @@ class PairExample:
     def __len__(self) -> int:
         return len(self.chosen) + len(self.rejected)
 
+    # Both sides end to end: what the run's identity (common.train.identity) fingerprints.
+    @property
+    def input_ids(self) -> list[int]:
+        return self.chosen.input_ids + self.rejected.input_ids
+
+    @property
+    def loss_mask(self) -> list[int]:
+        return self.chosen.loss_mask + self.rejected.loss_mask
+
     @property
     def n_supervised(self) -> int:
         return min(self.chosen.n_supervised, self.rejected.n_supervised)
