@@ -6,7 +6,6 @@ alone (no batching, no padding, no chunking) and applies the published formulas 
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from common.preference_data import PairExample
