@@ -153,7 +153,8 @@ def _truncate(ex: Example, max_len: int) -> Example:
     return Example(ex.input_ids[:max_len], ex.loss_mask[:max_len], ex.source)
 
 
-def encode_pairs(rows: list, formatter, max_len: int, policy: str) -> tuple[list[PairExample], dict[str, int]]:
+def encode_pairs(rows: list, formatter, max_len: int, policy: str, *,
+                 progress: bool = False) -> tuple[list[PairExample], dict[str, int]]:
     """Tokenize pairs and apply the overlong policy to each side (``max_len`` per sequence).
 
     A pair with a side left without a target token (its answer cut off) is dropped and counted.
@@ -162,7 +163,7 @@ def encode_pairs(rows: list, formatter, max_len: int, policy: str) -> tuple[list
     from common.prompts import percentile
 
     out, lengths, problems = [], [], []
-    stats = {"rows": len(rows), "truncated": 0, "dropped": 0, "zero_supervised": 0}
+    stats = {"rows": len(rows), "overlong": 0, "truncated": 0, "dropped": 0, "zero_supervised": 0}
     for row in rows:
         if not isinstance(row, Preference):
             problems.append(f"{row.source}: not a preference pair (--method dpo/orpo needs prompt/chosen/rejected rows)")
@@ -170,6 +171,7 @@ def encode_pairs(rows: list, formatter, max_len: int, policy: str) -> tuple[list
         pair = encode_pair(row, formatter)
         lengths += [len(pair.chosen), len(pair.rejected)]
         if max(len(pair.chosen), len(pair.rejected)) > max_len:
+            stats["overlong"] += 1
             if policy == "error":
                 problems.append(f"{row.source}: {max(len(pair.chosen), len(pair.rejected))} tokens > "
                                 f"max_seq_length {max_len}")
@@ -185,6 +187,7 @@ def encode_pairs(rows: list, formatter, max_len: int, policy: str) -> tuple[list
         out.append(pair)
     if problems:
         raise UserError(f"{len(problems)} rows cannot be used as preference pairs", problems, max_shown=20)
-    stats.update(pairs=len(out), examples=len(out), tokens_total=sum(lengths), tokens_p95=percentile(lengths, 95),
-                 tokens_max=max(lengths, default=0), max_seq_length=max_len)
+    stats.update(pairs=len(out), examples=len(out), tokens_total=sum(lengths), tokens_p50=percentile(lengths, 50),
+                 tokens_p95=percentile(lengths, 95), tokens_max=max(lengths, default=0), max_seq_length=max_len,
+                 supervised_tokens=sum(p.chosen.n_supervised + p.rejected.n_supervised for p in out))
     return out, stats
