@@ -59,12 +59,18 @@ def expected(b, ps, method, dpo_loss):
     mean.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
-    return float(mean), np.array(rc_all), np.array(rr_all), grads
+    return float(mean.detach()), np.array(rc_all), np.array(rr_all), grads
 
 
+@pytest.mark.parametrize("per_pass", [None, 1], ids=["whole", "row-by-row"])
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
 @pytest.mark.parametrize("method,dpo_loss", CASES, ids=["dpo", "ipo", "orpo"])
-def test_loss_rewards_and_gradients_equal_the_formulas(tiny_model_dir, method, dpo_loss, packed):
+def test_loss_rewards_and_gradients_equal_the_formulas(tiny_model_dir, method, dpo_loss, packed, per_pass,
+                                                       monkeypatch):
+    if per_pass is not None:  # the CPU's row groups smaller than a pair: the two-stage gradient
+        from torch_ft import preference
+
+        monkeypatch.setattr(preference, "rows_per_pass", lambda rows, width, kind: per_pass)
     b = torch_backend(tiny_model_dir)
     ps = pairs()
     spec = PreferenceSpec(method, beta=0.1, dpo_loss=dpo_loss or "sigmoid", orpo_lambda=0.1)

@@ -126,14 +126,63 @@ def _pair_step(backend, part: PairBatch, spec: PreferenceSpec) -> tuple[torch.Te
     return pair_losses(spec, sums[0::2], sums[1::2], counts[0::2], counts[1::2], rc, rr)
 
 
-def _parts(backend, batch: PairBatch) -> list[PairBatch]:
-    """The batch in groups of pairs (on the CPU only, as the backend splits SFT batches in row groups)."""
+def _rows_per_pass(backend, batch) -> int:
     rows = len(batch.input_ids)
-    per = rows_per_pass(rows, len(batch.input_ids[0]) if rows else 0, backend.prec.kind)
-    if per >= rows:
-        return [batch]
-    step = max(1, per // batch.rows_per_pair)
-    return [batch.pairs(i, min(i + step, batch.n_pairs)) for i in range(0, batch.n_pairs, step)]
+    return rows_per_pass(rows, len(batch.input_ids[0]) if rows else 0, backend.prec.kind)
+
+
+def _sequence_groups(backend, batch: PairBatch, per: int):
+    """The batch's rows in groups of ``per``: model inputs, sequence index within the group, the group's
+    first sequence in the batch and its number of sequences."""
+    for i in range(0, len(batch.input_ids), per):
+        part = batch.rows(i, i + per)
+        first = sum(max(r, default=0) for r in batch.segment_ids[:i])
+        inputs, loss_mask, seq = _prepared(backend, part)
+        yield inputs, loss_mask, seq, first, sum(max(r, default=0) for r in part.segment_ids)
+
+
+def _two_stage(backend, batch: PairBatch, scale: float, spec: PreferenceSpec, per: int) -> tuple[float, dict]:
+    """Gradients of the pair losses with row groups smaller than a pair (the CPU, rows of more than
+    CPU_TOKENS_PER_PASS / 2 tokens): as SFT, one group's activations at a time.
+
+    A pair's loss depends on each answer only through its log-prob sum, so its gradient is
+    ``sum_s dL/dlogp_s * grad(logp_s)``: the sums come from a pass without gradients, the
+    coefficients from the loss on those sums, then each group runs forward and backward once
+    with its coefficients. Exact, for one more forward pass.
+    """
+    n_seq = 2 * batch.n_pairs
+    sums = torch.zeros(n_seq, dtype=torch.float32, device=backend.prec.device)
+    counts = torch.zeros(n_seq, dtype=torch.float32, device=backend.prec.device)
+    ref = None
+    if spec.needs_reference and batch.ref is not None:
+        ref = torch.tensor(batch.ref, dtype=torch.float32, device=sums.device)
+    elif spec.needs_reference:
+        ref = torch.zeros(n_seq, dtype=torch.float32, device=sums.device)
+    with torch.no_grad(), devices.autocast(backend.prec):
+        for inputs, loss_mask, seq, first, n in _sequence_groups(backend, batch, per):
+            s, c = sequence_sums(backend.causal_lm, inputs, loss_mask, seq, n)
+            sums[first:first + n], counts[first:first + n] = s, c.float()
+            if spec.needs_reference and batch.ref is None:
+                with backend.model.disable_adapter():
+                    ref[first:first + n] = sequence_sums(backend.causal_lm, inputs, loss_mask, seq, n)[0]
+    if ref is not None:
+        ref = ref.view(-1, 2)
+    leaf = sums.clone().requires_grad_(True)
+    losses, metrics = pair_losses(spec, leaf[0::2], leaf[1::2], counts[0::2], counts[1::2],
+                                  *((ref[:, 0], ref[:, 1]) if ref is not None else (None, None)))
+    loss_sum = losses.sum()
+    (coef,) = torch.autograd.grad(loss_sum, leaf)
+    coef = coef * scale
+    value = float(loss_sum.detach())
+    if value != value or value in (float("inf"), float("-inf")):
+        backend._nonfinite = True
+        return value, _sums(metrics)
+    for inputs, loss_mask, seq, first, n in _sequence_groups(backend, batch, per):
+        with devices.autocast(backend.prec):
+            s, _ = sequence_sums(backend.causal_lm, inputs, loss_mask, seq, n)
+        part = (s * coef[first:first + n]).sum()
+        (backend.scaler.scale(part) if backend.scaler is not None else part).backward()
+    return value, _sums(metrics)
 
 
 def _sums(metrics: dict) -> dict[str, float]:
@@ -141,23 +190,20 @@ def _sums(metrics: dict) -> dict[str, float]:
 
 
 def forward_backward(backend, batch: PairBatch, scale: float, spec: PreferenceSpec) -> tuple[float, dict]:
-    """Gradients of ``scale * sum(pair losses)``; (loss sum, metric sums). Pair losses are independent,
-    so groups of pairs add up to the same gradient."""
+    """Gradients of ``scale * sum(pair losses)``; (loss sum, metric sums). The whole batch in one pass,
+    unless the CPU's row groups (common.train.backend.rows_per_pass) are smaller: then two stages."""
     backend._train_mode(True)
-    total, sums = 0.0, {}
-    for part in _parts(backend, batch):
-        losses, metrics = _pair_step(backend, part, spec)
-        loss_sum = losses.sum()
-        loss = loss_sum * scale
-        (backend.scaler.scale(loss) if backend.scaler is not None else loss).backward()
-        value = float(loss_sum.detach())
-        total += value
-        for k, v in _sums(metrics).items():
-            sums[k] = sums.get(k, 0.0) + v
-        if value != value or value in (float("inf"), float("-inf")):
-            backend._nonfinite = True
-            break
-    return total, sums
+    per = _rows_per_pass(backend, batch)
+    if per < len(batch.input_ids):
+        return _two_stage(backend, batch, scale, spec, per)
+    losses, metrics = _pair_step(backend, batch, spec)
+    loss_sum = losses.sum()
+    loss = loss_sum * scale
+    (backend.scaler.scale(loss) if backend.scaler is not None else loss).backward()
+    value = float(loss_sum.detach())  # read after backward: no sync between forward and backward
+    if value != value or value in (float("inf"), float("-inf")):
+        backend._nonfinite = True  # its gradients are NaN too: the step will be skipped
+    return value, _sums(metrics)
 
 
 @torch.no_grad()
