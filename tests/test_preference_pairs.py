@@ -1,4 +1,5 @@
-"""Learn from mistakes end to end (torch, tiny model): eval --pairs -> DPO from the run's adapter -> eval."""
+"""Learn from mistakes end to end (torch, tiny model): eval --pairs -> DPO from the run's adapter -> eval ->
+export -> verify in llama.cpp."""
 
 from __future__ import annotations
 
@@ -47,3 +48,10 @@ def test_eval_pairs_then_one_dpo_round(tiny_run, tiny_model_dir, monkeypatch, tm
     assert eval_main([str(dpo), "--data", str(root / "data" / "test.jsonl"), "--max-new-tokens", "40"]) == 0
     m = json.loads((dpo / "eval" / "metrics.json").read_text())["metrics"]
     assert m["n"] == 4 and m["parse_rate"] > 0
+    pytest.importorskip("llama_cpp")
+    from common.export.cmd import main as export_main
+
+    # the DPO run exports and verifies in llama.cpp like any run (tokens and logits against the trained model)
+    assert export_main([str(dpo), "--quant", "f32", "--out", str(tmp_path / "m.gguf"), "--pre", "gpt-2",
+                        "--verify-prompts", "1", "--max-new-tokens", "2"]) == 0
+    assert json.loads((tmp_path / "verify.json").read_text())["passed"] is True
