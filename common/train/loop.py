@@ -1,8 +1,10 @@
 """The training loop, shared by every backend: plain Python and numpy around a Backend.
 
 Per optimizer step: take ``grad_accum`` micro-batches from the stream, scale each one's
-loss by 1/(supervised tokens of the whole step) so the step's gradient is the mean over
-its tokens however they fall into micro-batches, step at the scheduled learning rate.
+loss by 1/(units of the whole step) so the step's gradient is the mean over its units
+however they fall into micro-batches, step at the scheduled learning rate. The training
+method (:mod:`common.train.methods`) builds the batches and names the units: supervised
+tokens for sft, pairs for dpo and orpo.
 Around that: evaluation and sample answers, keep-best, early stopping, checkpoints,
 resume, non-finite guard, Ctrl-C.
 """
