@@ -70,6 +70,13 @@ def intents(rows) -> Counter:
     return found
 
 
+def _encoder(rows):
+    """Preference pairs are tokenized as pairs (common.preference_data), other rows as examples."""
+    from common.preference_data import Preference, encode_pairs
+
+    return encode_pairs if any(isinstance(r, Preference) for r in rows) else encode_split
+
+
 def _token_stats(cfg: CheckDataConfig, splits: Splits, tokenizer, system_prompt: str | None) -> dict:
     from common.prompts import ChatFormatter
 
@@ -80,6 +87,7 @@ def _token_stats(cfg: CheckDataConfig, splits: Splits, tokenizer, system_prompt:
     for name, rows in splits.items():
         if not rows:
             continue
+        encode_split = _encoder(rows)
         try:
             _, stats[name] = encode_split(rows, formatter, cfg.max_seq_length, cfg.overlong, progress=True)
         except UserError as exc:  # --overlong error: list the rows, still show the statistics

@@ -7,6 +7,7 @@ Accepted formats (one per file, checked on every row, not guessed from the first
 - ``alpaca``: ``{"instruction", "input"?, "output"}``
 - ``completion``: ``{"prompt", "completion"}``
 - ``text``: ``{"text"}``
+- ``preference``: ``{"prompt"?, "chosen", "rejected"}`` (DPO/ORPO pairs; :mod:`common.preference_data`)
 
 Domain text (``.txt``/``.md``) is cut into chunks that fit the sequence length
 (:func:`text_chunks`). Problems are collected in a :class:`LintReport` as
@@ -33,9 +34,12 @@ FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     "alpaca": (("instruction", "input", "output"), ("instruction", "output"), ("input",)),
     "completion": (("prompt", "completion"), ("prompt", "completion"), ()),
     "text": (("text",), ("text",), ()),
+    # preference pairs (DPO/ORPO): prompt + two answers, or TRL's two whole conversations (common.preference_data)
+    "preference": (("chosen", "rejected"), ("chosen", "rejected"), ("prompt", "tools")),
 }
 KNOWN_KEYS = sorted({k for ident, req, optional in FORMATS.values() for k in (*ident, *req, *optional)})
-EXPECTED = "'messages', 'conversations', 'instruction'/'output', 'prompt'/'completion' or 'text'"
+EXPECTED = ("'messages', 'conversations', 'instruction'/'output', 'prompt'/'completion', 'text' "
+            "or 'chosen'/'rejected'")
 
 ROLES = ("system", "user", "assistant")
 TOOL_ROLE = "tool"
@@ -308,6 +312,10 @@ def convert_row(obj: Any, fmt: str, source: Source, where: str, report: LintRepo
     """Lint one parsed row of format ``fmt``; return the row, or None after reporting why not."""
     if not _check_keys(obj, fmt, where, report):
         return None
+    if fmt == "preference":
+        from common.preference_data import convert
+
+        return convert(obj, source, where, report)
     if fmt == "text":
         text = obj["text"]
         if not isinstance(text, str):
@@ -417,6 +425,8 @@ def row_key(row: Row) -> str:
     """What a user sees of a row (prompt + answers, no system prompt), normalized for duplicate checks."""
     if isinstance(row, Text):
         text = row.text
+    elif hasattr(row, "key_text"):  # a preference pair
+        text = row.key_text()
     else:
         text = "\x1e".join(f"{m['role']}\x1f{m['content']}" for m in row.messages if m["role"] != "system")
     return " ".join(text.split()).casefold()
@@ -426,6 +436,8 @@ def canonical(row: Row) -> dict[str, Any]:
     """A row's content as a plain dict (no source), the unit of the data fingerprint."""
     if isinstance(row, Text):
         return {"text": row.text}
+    if hasattr(row, "canonical"):  # a preference pair
+        return row.canonical()
     out: dict[str, Any] = {"messages": row.messages}
     if row.tools:
         out["tools"] = row.tools

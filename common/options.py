@@ -14,6 +14,7 @@ from typing import Literal, TypeVar
 
 from common.backends import BackendName
 from common.config import opt, register
+from common.preference_options import PreferenceOptions
 from common.prompts import TEMPLATE_NAMES
 
 SMALL_MODEL_PARAMS = 1_000_000_000  # below this, the default learning rate is SMALL_MODEL_LR
@@ -154,7 +155,7 @@ class OutputOptions:
 @register
 @dataclass
 class TrainConfig(OutputOptions, TorchOptions, DeviceOptions, MemoryOptions, LoopOptions, OptimizerOptions,
-                  LoRAOptions, DataOptions, ModelOptions):
+                  PreferenceOptions, LoRAOptions, DataOptions, ModelOptions):
     """Everything ``llm-ft train`` takes: the option groups above, flat."""
 
     @property
@@ -171,7 +172,7 @@ class TrainConfig(OutputOptions, TorchOptions, DeviceOptions, MemoryOptions, Loo
             problems.append("load_in_4bit and load_in_8bit: choose one")
         if self.early_stop_patience is not None and self.eval_every == 0:
             problems.append("early_stop_patience: needs periodic evaluation (set --eval-every N > 0)")
-        return problems
+        return problems + self.preference_problems()
 
 
 G = TypeVar("G")

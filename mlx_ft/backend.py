@@ -29,7 +29,7 @@ from common.io import atomic_path, write_json
 from common.options import TrainConfig
 from common.train.backend import BackendInfo, Batch, StepStats
 from common.train.world import World
-from mlx_ft import lanes, lora, peft_format
+from mlx_ft import lanes, lora, peft_format, preference
 from mlx_ft import loss as mlxloss
 from mlx_ft import model as mlxm
 
@@ -371,5 +371,16 @@ class MLXBackend:
     def peak_memory(self) -> int | None:
         peak = int(mx.get_peak_memory())
         return peak or None
+
+    # -- preference methods (DPO, ORPO): common.train.methods.PreferenceBackend ------------
+
+    def sequence_logps(self, batch: Batch, adapter: bool = True) -> list[tuple[float, int]]:
+        return preference.sequence_logps(self, batch, adapter)
+
+    def preference_forward_backward(self, batch, scale: float, spec) -> tuple[float, dict[str, float]]:
+        return preference.forward_backward(self, batch, scale, spec)
+
+    def preference_eval(self, batch, spec) -> tuple[float, dict[str, float]]:
+        return preference.evaluate(self, batch, spec)
 
 

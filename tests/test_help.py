@@ -31,7 +31,7 @@ def test_every_help_screen_renders(argv, capsys):
 def test_train_help_is_grouped_and_escapes_percent(capsys):
     out = help_text(["train", "--help"], capsys)
     sections = [line[:-1] for line in out.splitlines() if line and not line[0].isspace() and line.endswith(":")]
-    assert sections == ["options", "model", "data", "LoRA", "optimiser", "training loop", "memory and speed",
+    assert sections == ["options", "model", "data", "LoRA", "training method", "optimiser", "training loop", "memory and speed",
                         "backend and device", "torch backend", "output", "configuration files"]
     assert "~30% slower" in " ".join(out.split())
 

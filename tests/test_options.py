@@ -48,7 +48,10 @@ def required(cls) -> dict:
 
 
 def test_train_config_is_its_groups_with_flat_names_and_defaults():
-    assert {f.name for f in dataclasses.fields(TrainConfig)} == TRAIN_FIELDS
+    from common.preference_options import PreferenceOptions  # added later (DPO/ORPO), as a group of its own
+
+    added = {f.name for f in dataclasses.fields(PreferenceOptions)}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} == TRAIN_FIELDS | added
     cfg = TrainConfig(lora_r=8, lr=1e-3, kernels="off")
     assert part(cfg, LoRAOptions) == LoRAOptions(lora_r=8)
     assert part(cfg, OptimizerOptions).lr == 1e-3 and part(cfg, TorchOptions).kernels == "off"

@@ -137,8 +137,8 @@ def test_check_data_on_a_50_mb_row_is_fast(tmp_path, tiny_model_dir, capsys):
 
 
 def test_long_rows_are_tokenized_only_as_far_as_max_seq_length(tiny_tokenizer_dir):
-    from common.prompts import encode_split
     from common.models import load_tokenizer
+    from common.prompts import encode_split
     from common.row_bounds import cut_row, max_token_chars
 
     tok = load_tokenizer(tiny_tokenizer_dir)

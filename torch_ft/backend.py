@@ -17,7 +17,7 @@ from common.options import TrainConfig
 from common.peft import CONFIG, WEIGHTS
 from common.train.backend import BackendInfo, Batch, StepStats
 from common.train.world import World
-from torch_ft import attention, kernels, lora_forward
+from torch_ft import attention, kernels, lora_forward, preference
 from torch_ft import device as devices
 from torch_ft import dist as dists
 from torch_ft import plan as plans
@@ -246,3 +246,14 @@ class TorchBackend:
 
     def peak_memory(self) -> int | None:
         return devices.peak_memory(self.prec) if self.prec is not None else None
+
+    # -- preference methods (DPO, ORPO): common.train.methods.PreferenceBackend ------------
+
+    def sequence_logps(self, batch: Batch, adapter: bool = True) -> list[tuple[float, int]]:
+        return preference.sequence_logps(self, batch, adapter)
+
+    def preference_forward_backward(self, batch, scale: float, spec) -> tuple[float, dict[str, float]]:
+        return preference.forward_backward(self, batch, scale, spec)
+
+    def preference_eval(self, batch, spec) -> tuple[float, dict[str, float]]:
+        return preference.evaluate(self, batch, spec)

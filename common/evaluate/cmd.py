@@ -68,6 +68,8 @@ class EvalConfig:
     samples: int = opt(5, "sample outputs to show and keep in metrics.json", min=0)
     out: str | None = opt(None, "output directory (default: RUN/eval for a run, RUN/export/eval-<stem> for its GGUFs, "
                              "else runs/eval-<name>)")
+    pairs: str | None = opt(None, "write a preference pair (chosen = expected, rejected = the answer) for each wrong "
+                               "answer to this JSONL file: train on it with --method dpo --init-adapter RUN")
 
 
 # ---------------------------------------------------------------------------
@@ -305,6 +307,8 @@ def run(cfg: EvalConfig) -> int:
     task = choose_task(cfg, rows, data_path, explicit_schema=bool(cfg.json_schema or cfg.format))
     if task == "text":
         schema = None
+        if cfg.pairs:
+            raise UserError("--pairs needs answers scored right or wrong (a JSON task: --task json or a --json-schema)")
     default_prompt = system_prompt_for(cfg, targets[0])
 
     out_dirs: list[Path] = []
@@ -317,6 +321,14 @@ def run(cfg: EvalConfig) -> int:
         out_dirs.append(d)
     results = [evaluate_target(t, cfg, rows, task, schema, default_prompt, data_path, d, fmt)
                for t, d in zip(targets, out_dirs, strict=True)]
+    if cfg.pairs:
+        from rich.console import Console
+
+        from common.evaluate.pairs import write_pairs
+
+        written, skipped = write_pairs(out_dirs[0] / "errors.jsonl", Path(cfg.pairs))
+        Console(stderr=True).print(f"wrote {written} preference pairs to {cfg.pairs}"
+                                   + (f" ({skipped} wrong answers were empty: no pair)" if skipped else ""))
     if cfg.compare:
         table_rows = [row for t, result in zip(targets, results, strict=True)
                       for row in report.compare_rows(result, RunDir(t.run_dir).summary() if t.kind == "run" else {})]

@@ -126,12 +126,14 @@ class DataStream:
 
     def __init__(self, examples: Sequence[Example], *, batch_size: int, seed: int, pad_id: int,
                  group_by_length: bool = True, packing: bool = False, max_len: int = 0,
-                 position: Position | None = None):
+                 position: Position | None = None, build=None):
         self.examples = examples
         self.lengths = [len(e) for e in examples]
         self.kw = dict(batch_size=batch_size, seed=seed, group_by_length=group_by_length, packing=packing,
                        max_len=max_len)
         self.pad_id = pad_id
+        # rows of examples -> Batch: the method's batch builder (preference pairs), else make_batch
+        self.build = build or (lambda rows: make_batch(rows, pad_id))
         self.position = position or Position()
         self._plans: dict[int, Plan] = {}
 
@@ -158,5 +160,5 @@ class DataStream:
             plan = self.plan(self.position.epoch)
         rows = plan[self.position.index]
         self.position = Position(self.position.epoch, self.position.index + 1)
-        batch = make_batch([[self.examples[i] for i in row] for row in rows], self.pad_id)
+        batch = self.build([[self.examples[i] for i in row] for row in rows])
         return batch, [i for row in rows for i in row]

@@ -76,6 +76,15 @@ def _samples(rows, formatter, tokenizer, n: int):
     return out
 
 
+def _as_conversations(rows):
+    """Preference pairs as their chosen conversations (the answers the samples should give)."""
+    from common.preference_data import Preference
+    from common.rows import Conversation
+
+    return [Conversation(r.conversation(r.chosen), r.source, r.tools) if isinstance(r, Preference) else r
+            for r in rows]
+
+
 def prepare(cfg: TrainConfig, console) -> Prepared:
     """Resolve the run directory, the model and tokenizer, and load + tokenize the data."""
     from common.data import fingerprint, load_splits
@@ -98,8 +107,14 @@ def prepare(cfg: TrainConfig, console) -> Prepared:
     splits.report.raise_if_errors()
     formatter = ChatFormatter(tokenizer, template=cfg.chat_template, system_prompt=system_prompt,
                               train_on_prompt=cfg.train_on_prompt)
-    train, train_stats = encode_split(splits.train, formatter, cfg.max_seq_length, cfg.overlong, progress=True)
-    valid, valid_stats = encode_split(splits.valid, formatter, cfg.max_seq_length, cfg.overlong, progress=True)
+    if cfg.method != "sft":  # preference pairs (DPO, ORPO)
+        from common.preference_data import encode_pairs
+
+        train, train_stats = encode_pairs(splits.train, formatter, cfg.max_seq_length, cfg.overlong)
+        valid, valid_stats = encode_pairs(splits.valid, formatter, cfg.max_seq_length, cfg.overlong)
+    else:
+        train, train_stats = encode_split(splits.train, formatter, cfg.max_seq_length, cfg.overlong, progress=True)
+        valid, valid_stats = encode_split(splits.valid, formatter, cfg.max_seq_length, cfg.overlong, progress=True)
     if not train:
         raise UserError("no training example has a token to learn from "
                         f"({train_stats['zero_supervised']} lost their answer to --max-seq-length {cfg.max_seq_length})")
@@ -111,7 +126,7 @@ def prepare(cfg: TrainConfig, console) -> Prepared:
     fp["encoded"] = {"train": train_stats, "valid": valid_stats}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (formatter.eos_id or 0)
     data = TrainData(train=train, valid=valid, pad_id=pad_id,
-                     samples=_samples(splits.valid, formatter, tokenizer, cfg.sample_prompts),
+                     samples=_samples(_as_conversations(splits.valid), formatter, tokenizer, cfg.sample_prompts),
                      decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), stop_ids=formatter.eot_ids)
     console.print(f"data: {len(train)} train / {len(valid)} valid examples, "
                   f"{train_stats['tokens_total']:,} train tokens (p95 {train_stats['tokens_p95']})")
@@ -126,7 +141,11 @@ def _preflight(cfg: TrainConfig, resolved, longest: int, plan: DevicePlan, conso
 
     model_config = json.loads((Path(resolved.path) / "config.json").read_text(encoding="utf-8"))
     seq_len = cfg.max_seq_length if cfg.packing else longest
-    rows = plan.rows_per_pass(cfg.batch_size, seq_len)  # trained in row groups: activations of one group
+    rows = cfg.batch_size
+    if cfg.method != "sft":  # both answers of each pair; DPO's reference pass runs without gradients, one
+        rows *= 1 if cfg.packing else 2  # layer's activations at a time, which the margin of the estimate covers
+        seq_len = 2 * longest if cfg.packing else longest
+    rows = plan.rows_per_pass(rows, seq_len)  # trained in row groups: activations of one group
     est = memory.preflight(model_config, plan=plan, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
                            targets=cfg.targets, batch_size=rows, seq_len=seq_len,
                            grad_checkpoint=cfg.grad_checkpoint, num_layers=cfg.num_layers)
@@ -187,6 +206,8 @@ def _run(cfg: TrainConfig, console, held: contextlib.ExitStack) -> int:
     console = console or Console(stderr=True, quiet=not world.is_main)
     backend_name = backends.resolve(cfg.backend)
     check_reporters(cfg.report_to)
+    if cfg.init_adapter:
+        init_adapter_dir(cfg.init_adapter)  # a wrong path fails before any data or weight is read
     if cfg.nproc > 1 and not world.launcher:
         from common.train.launch import relaunch
 
@@ -218,7 +239,8 @@ def _run(cfg: TrainConfig, console, held: contextlib.ExitStack) -> int:
             console.print(finished)
             return 0
     plan = backends.device_plan(backend_name, cfg.device, cfg.dtype)
-    _preflight(cfg, p.resolved, max(len(e) for e in p.data.train), plan, console)
+    longest = max(max(len(e.chosen), len(e.rejected)) if hasattr(e, "chosen") else len(e) for e in p.data.train)
+    _preflight(cfg, p.resolved, longest, plan, console)
 
     backend = backend or backends.load_backend(backend_name)
     info = backend.setup(p.resolved.path, cfg, p.data.pad_id)
@@ -228,6 +250,7 @@ def _run(cfg: TrainConfig, console, held: contextlib.ExitStack) -> int:
     for note in info.notes:
         console.print(f"  {note}", highlight=False)
 
+    _start_preference(cfg, backend, p, console)
     metrics_file = p.run_dir / "metrics.jsonl"
     if world.is_main:
         p.run_dir.mkdir(parents=True, exist_ok=True)
@@ -260,6 +283,26 @@ def _run(cfg: TrainConfig, console, held: contextlib.ExitStack) -> int:
     write_json(p.run_dir / "summary.json", summary)
     _report(console, p.run_dir, summary)
     return INTERRUPTED if summary["stop_reason"] == "interrupted" else 0
+
+
+def init_adapter_dir(spec: str) -> Path:
+    """``--init-adapter``: a run directory (its adapter/) or an adapter directory."""
+    path = Path(spec)
+    for d in (path / "adapter", path):
+        if (d / "adapter_config.json").is_file():
+            return d
+    raise UserError(f"--init-adapter {spec}: no adapter_config.json in {path / 'adapter'} or {path}")
+
+
+def _start_preference(cfg: TrainConfig, backend, p: Prepared, console) -> None:
+    """Start from ``--init-adapter`` and attach precomputed reference log-probs (before any step)."""
+    if cfg.init_adapter:
+        backend.load_adapter(init_adapter_dir(cfg.init_adapter))
+        console.print(f"starting from the adapter of {cfg.init_adapter}")
+    if cfg.method == "dpo" and (cfg.precompute_ref or cfg.ref == "init-adapter"):
+        from common.train import reference
+
+        console.print(reference.attach(backend, p.data, p.run_dir, cfg))
 
 
 class _NoLog:

@@ -1,8 +1,10 @@
 """The training loop, shared by every backend: plain Python and numpy around a Backend.
 
 Per optimizer step: take ``grad_accum`` micro-batches from the stream, scale each one's
-loss by 1/(supervised tokens of the whole step) so the step's gradient is the mean over
-its tokens however they fall into micro-batches, step at the scheduled learning rate.
+loss by 1/(units of the whole step) so the step's gradient is the mean over its units
+however they fall into micro-batches, step at the scheduled learning rate. The training
+method (:mod:`common.train.methods`) builds the batches and names the units: supervised
+tokens for sft, pairs for dpo and orpo.
 Around that: evaluation and sample answers, keep-best, early stopping, checkpoints,
 resume, non-finite guard, Ctrl-C.
 """
@@ -26,8 +28,9 @@ from common.errors import UserError
 from common.io import WriteError, atomic_dir
 from common.rows import Example
 from common.train import checkpoint as ckpts
+from common.train import methods
 from common.train.backend import Backend
-from common.train.batching import DataStream, Position, eval_plan, make_batch
+from common.train.batching import DataStream, Position, eval_plan
 from common.train.metrics import MetricsLog
 from common.train.progress import TrainProgress
 from common.train.schedule import lr_at
@@ -120,9 +123,11 @@ class Interrupt:
             signal.signal(signal.SIGINT, self._old)
 
 
-def _stream(cfg: Any, data: TrainData) -> DataStream:
+def _stream(cfg: Any, data: TrainData, method=None) -> DataStream:
+    method = method or methods.for_config(cfg, data.pad_id)
     return DataStream(data.train, batch_size=cfg.batch_size, seed=cfg.seed, pad_id=data.pad_id,
-                      group_by_length=cfg.group_by_length, packing=cfg.packing, max_len=cfg.max_seq_length)
+                      group_by_length=cfg.group_by_length, packing=cfg.packing and method.packs_examples,
+                      max_len=cfg.max_seq_length, build=method.build)
 
 
 def _total_steps(cfg: Any, stream: DataStream, world_size: int = 1) -> int:
@@ -151,7 +156,9 @@ class Trainer:
         self.log = log
         self.console = progress_console
         self.state = LoopState()
-        self.stream = _stream(cfg, data)
+        self.method = methods.for_config(cfg, data.pad_id)  # sft, dpo or orpo: batch builder, units, loss
+        self.packing = cfg.packing and self.method.packs_examples
+        self.stream = _stream(cfg, data, self.method)
         self.total_steps = _total_steps(cfg, self.stream, self.world.size)
         self.last_checkpoint: Path | None = None
         self.verified: set[Path] = set()  # checkpoints this process wrote and verified
@@ -179,13 +186,13 @@ class Trainer:
         if not self.data.valid:
             return None, [], False
         plan = eval_plan([len(e) for e in self.data.valid], batch_size=self.cfg.batch_size,
-                         packing=self.cfg.packing, max_len=self.cfg.max_seq_length)
+                         packing=self.packing, max_len=self.cfg.max_seq_length)
         if self.cfg.eval_batches is not None:
             plan = plan[: self.cfg.eval_batches]
         total, count, bad, n_bad = 0.0, 0, [], 0
         for rows in plan[self.world.rank::self.world.size]:
-            s, n = self.backend.eval_loss(make_batch([[self.data.valid[i] for i in row] for row in rows],
-                                                     self.data.pad_id))
+            s, n = self.method.eval_loss(self.backend, self.method.build([[self.data.valid[i] for i in row]
+                                                                          for row in rows]))
             if not math.isfinite(s):
                 n_bad += 1
                 bad += [str(self.data.valid[i].source) for row in rows for i in row if self.data.valid[i].source]
@@ -228,7 +235,8 @@ class Trainer:
             self.save_best()
         else:
             s.evals_without_improvement += 1
-        self.log.log("eval", s.step, eval_loss=loss, best=improved, best_eval_loss=s.best_eval_loss)
+        self.log.log("eval", s.step, eval_loss=loss, best=improved, best_eval_loss=s.best_eval_loss,
+                     **self.method.take_eval_metrics())
         progress.print(f"step {s.step}: eval loss {loss:.4f}" + (" (best)" if improved else
                                                                   f" (best {s.best_eval_loss:.4f} at step {s.best_step})"))
         progress.update(s.step, eval_loss=loss)
@@ -310,13 +318,13 @@ class Trainer:
         """
         cfg, s, world = self.cfg, self.state, self.world
         micro = [self.stream.next() for _ in range(cfg.grad_accum * world.size)]
-        total = sum(b.n_supervised for b, _ in micro)  # of the global step: the same on every rank
+        total = sum(self.method.units(b) for b, _ in micro)  # supervised tokens (sft) or pairs (dpo, orpo), global
         lr = lr_at(s.step, peak=cfg.peak_lr, warmup=cfg.warmup_steps, total=self.total_steps, kind=cfg.schedule)
         loss_sum, finite = 0.0, True
         for batch, _ in micro[world.rank::world.size]:
             if total == 0:
                 break
-            value = self.backend.forward_backward(batch, 1.0 / total)
+            value = self.method.forward_backward(self.backend, batch, 1.0 / total)
             loss_sum += value
             finite = finite and math.isfinite(value)
         if world.distributed and total:  # every rank then skips, or steps, alike
@@ -351,6 +359,7 @@ class Trainer:
             while s.step < self.total_steps:
                 t0 = time.perf_counter()
                 loss, stats, indices, lr = self.train_step()
+                extra = self.method.take_metrics()  # rewards/... of dpo and orpo
                 s.train_time_s += time.perf_counter() - t0
                 tps = s.tokens / s.train_time_s if s.train_time_s > 0 else 0.0
                 if loss is None:
@@ -362,9 +371,10 @@ class Trainer:
                                 } if self.world.distributed else {}
                     self.log.log("train", s.step, loss=loss, lr=lr, grad_norm=stats.grad_norm, tokens=s.tokens,
                                  tokens_per_s=round(tps, 1), skipped=stats.skipped,
-                                 epoch=round(self.epoch_progress(), 4), **per_rank)
+                                 epoch=round(self.epoch_progress(), 4), **per_rank, **extra)
                 progress.update(s.step, loss=loss if loss is not None and math.isfinite(loss) else None, lr=lr, tokens_per_s=tps,
-                                peak_memory=self.backend.peak_memory())
+                                peak_memory=self.backend.peak_memory(), margin=extra.get("rewards/margins"),
+                                accuracy=extra.get("rewards/accuracies"))
                 if cfg.eval_every and s.step % cfg.eval_every == 0 and s.step < self.total_steps:
                     self.eval_and_keep_best(progress)
                     if self.diverged:

@@ -1,4 +1,7 @@
-"""``loss.png``: train and eval loss against the optimizer step, from metrics.jsonl."""
+"""``loss.png``: train and eval loss against the optimizer step, from metrics.jsonl.
+
+A DPO/ORPO run gets a second panel: the rewards of chosen and rejected answers and their margin.
+"""
 
 from __future__ import annotations
 
@@ -52,7 +55,19 @@ def plot_loss(metrics_file: Path, out_png: Path, title: str = "") -> None:
     train = [(e["step"], e["loss"]) for e in events if e.get("event") == "train" and e.get("loss") is not None]
     evals = [(e["step"], e["eval_loss"]) for e in events if e.get("event") == "eval"]
     best = [(e["step"], e["eval_loss"]) for e in events if e.get("event") == "eval" and e.get("best")]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    rewards = {k: [(e["step"], e[k]) for e in events if e.get("event") == "train" and e.get(k) is not None]
+               for k in ("rewards/chosen", "rewards/rejected", "rewards/margins")}
+    if any(rewards.values()):
+        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 6.5), dpi=100, sharex=True)
+        for k, points in rewards.items():
+            if points:
+                ax2.plot(*zip(*points, strict=True), label=k, linewidth=1)
+        ax2.axhline(0, color="grey", linewidth=0.5)
+        ax2.set_ylabel("reward (nats)")
+        ax2.grid(alpha=0.3)
+        ax2.legend()
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
         ax.plot(*zip(*train, strict=True), label="train", linewidth=1, alpha=0.8)
     if evals:
@@ -60,7 +75,7 @@ def plot_loss(metrics_file: Path, out_png: Path, title: str = "") -> None:
     if best:
         ax.plot(*best[-1], "*", markersize=12, color="tab:red", label=f"best (step {best[-1][0]})")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel("loss (nats/pair)" if any(rewards.values()) else "loss (nats/token)")
     if title:
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)

@@ -1,4 +1,5 @@
-"""The live training display (rich): step, loss, eval loss, lr, tokens/s, peak memory, ETA.
+"""The live training display (rich): step, loss, eval loss, lr, tokens/s, peak memory, ETA
+(and, for DPO/ORPO, the mean reward margin and accuracy of the step's pairs).
 
 On a terminal it is a progress bar with the numbers beside it; in a log (no terminal)
 it prints one plain line every few percent so CI logs stay readable.
@@ -55,14 +56,14 @@ class TrainProgress:
         self.console = console or Console(stderr=True)
         self.total = total_steps
         self.live = self.console.is_terminal
-        self.fields = {"loss": "-", "eval": "-", "lr": "-", "tps": "-", "mem": "-"}
+        self.fields = {"loss": "-", "eval": "-", "lr": "-", "tps": "-", "mem": "-", "pref": ""}
         self.progress = None
         self.lines = LogLines("step", total_steps, self.console, start=start_step)
         if self.live:
             self.progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]}  eval {task.fields[eval]}  lr {task.fields[lr]}  "
-                           "{task.fields[tps]} tok/s  mem {task.fields[mem]}"),
+                           "{task.fields[tps]} tok/s  mem {task.fields[mem]}{task.fields[pref]}"),
                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                 console=self.console, transient=False)
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step, **self.fields)
@@ -77,7 +78,8 @@ class TrainProgress:
             self.progress.stop()
 
     def update(self, step: int, *, loss: float | None = None, eval_loss: float | None = None,
-               lr: float | None = None, tokens_per_s: float | None = None, peak_memory: int | None = None) -> None:
+               lr: float | None = None, tokens_per_s: float | None = None, peak_memory: int | None = None,
+               margin: float | None = None, accuracy: float | None = None) -> None:
         if loss is not None:
             self.fields["loss"] = f"{loss:.4f}"
         if eval_loss is not None:
@@ -88,12 +90,14 @@ class TrainProgress:
             self.fields["tps"] = f"{tokens_per_s:,.0f}"
         if peak_memory is not None:
             self.fields["mem"] = human_bytes(peak_memory)
+        if margin is not None and accuracy is not None:  # rewards/margins and rewards/accuracies (TRL's names)
+            self.fields["pref"] = f"  margin {margin:+.3f} acc {accuracy:.0%}"
         if self.progress is not None:
             self.progress.update(self.task, completed=step, **self.fields)
         else:
             f = self.fields
             self.lines.update(step, f"loss {f['loss']}  eval {f['eval']}  lr {f['lr']}  {f['tps']} tok/s  "
-                                    f"mem {f['mem']}")
+                                    f"mem {f['mem']}{f['pref']}")
 
     def print(self, *args, **kwargs) -> None:
         """Print above the bar (samples, warnings, checkpoint notes)."""
