@@ -63,5 +63,15 @@ def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
 
 
 def close() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the group once every rank is done: a rank that tore gloo down while rank 0 still wrote the
+    final adapter and summary aborted ("terminate called without an active exception")."""
+    if not dist.is_initialized():
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=120))  # names a rank that never arrives
+        else:
+            dist.barrier()
+    except Exception:  # a rank already failed: its launcher reports it; leaving must not hang or mask that
+        pass
+    dist.destroy_process_group()
