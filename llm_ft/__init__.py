@@ -13,7 +13,15 @@ is ``max_seq_length``), validates them as the command does and raises
 from common import __version__
 from common.errors import UserError as LLMFTError
 from llm_ft.api import build_config, chat, check_data, classify, evaluate, export, merge, push, train
-from llm_ft.results import ClassifyResult, EvalResult, ExportResult, PushResult, TrainResult
+from llm_ft.results import ClassifyResult, EvalResult, PushResult, TrainResult
 
 __all__ = ["LLMFTError", "ClassifyResult", "EvalResult", "ExportResult", "PushResult", "TrainResult", "__version__",
            "build_config", "chat", "check_data", "classify", "evaluate", "export", "merge", "push", "train"]
+
+
+def __getattr__(name: str):
+    if name == "ExportResult":  # lazily: see llm_ft.results
+        from llm_ft import results
+
+        return results.ExportResult
+    raise AttributeError(f"module 'llm_ft' has no attribute {name!r}")

@@ -14,11 +14,14 @@ import dataclasses
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common import config as C
 from common.errors import UserError, nearest
-from llm_ft.results import ClassifyResult, EvalResult, ExportResult, PushResult, TrainResult
+from llm_ft.results import ClassifyResult, EvalResult, PushResult, TrainResult
+
+if TYPE_CHECKING:
+    from common.export.cmd import ExportResult
 
 # Options only an API call (or a command-line flag) may turn on.
 CALL_ONLY = ("trust_remote_code",)
@@ -124,11 +127,9 @@ def export(source: str | Path, *, config: str | None = None, env_file: str | Non
 
     options["source"] = str(source)
     got = cmd.run(build_config(cmd.ExportConfig, options, config=config, env_file=env_file))
-    report = got.report.to_dict() if got.report is not None else None
     if not got.ok:
         raise UserError(f"{got.gguf}: verification failed (see {got.gguf.with_name('verify.json')})")
-    return ExportResult(gguf=got.gguf, modelfile=got.modelfile, quant=got.quant, adapter_gguf=got.adapter_gguf,
-                        verify=report, notes=list(got.notes))
+    return got
 
 
 def chat(target: str | Path, prompt: str, *, config: str | None = None, env_file: str | None = None,

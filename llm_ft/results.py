@@ -7,6 +7,16 @@ from pathlib import Path
 from typing import Any
 
 
+def __getattr__(name: str) -> Any:
+    # ExportResult is the export command's own (paths, verify report, notes, ``ollama_command``),
+    # imported on first use: it brings gguf, which ``import llm_ft`` should not pay for.
+    if name == "ExportResult":
+        from common.export.cmd import ExportResult
+
+        return ExportResult
+    raise AttributeError(name)
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -33,20 +43,6 @@ class EvalResult:
 
     def __getitem__(self, key: str) -> Any:
         return self.metrics[key]
-
-
-@dataclass
-class ExportResult:
-    gguf: Path
-    modelfile: Path
-    quant: str
-    adapter_gguf: Path | None = None
-    verify: dict[str, Any] | None = None  # verify.json's content (None when verification was skipped)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ollama_command(self) -> str:
-        return f"ollama create {self.modelfile.parent.parent.name or 'model'} -f {self.modelfile}"
 
 
 @dataclass

@@ -85,6 +85,15 @@ class ExportResult:
     def ok(self) -> bool:
         return self.report is None or self.report.passed
 
+    @property
+    def verify(self) -> dict[str, Any] | None:
+        """verify.json's content (None when verification was skipped)."""
+        return self.report.to_dict() if self.report is not None else None
+
+    @property
+    def ollama_command(self) -> str:
+        return f"ollama create {self.modelfile.parent.parent.name or 'model'} -f {self.modelfile}"
+
 
 def resolve_source(spec: str) -> Source:
     from common.run_dir import RunDir, is_run_dir
