@@ -144,3 +144,12 @@ def test_budget_no_mode_fits_lists_the_fixes():
     assert "even in memory mode offload" in err.value.message
     fixes = [p for p in err.value.problems if p.startswith("would fit with --memory-mode offload and ")]
     assert fixes and all(p.endswith("GiB") for p in fixes), err.value.problems
+
+
+def test_unsloth_offloaded_checkpointing_name_hints_offload():
+    from common.command import flag_hint
+
+    known = ["--memory-mode", "--grad-checkpoint"]
+    assert flag_hint("--use_gradient_checkpointing", known, "unsloth") == "--memory-mode offload"
+    assert flag_hint('--use_gradient_checkpointing="unsloth"', known) == "--memory-mode offload"
+    assert flag_hint("--use_gradient_checkpointing", known, "true") == "--grad-checkpoint"
