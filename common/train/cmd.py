@@ -163,9 +163,11 @@ def _budget_mode(cfg: TrainConfig, model_config: dict, kw: dict, console) -> Tra
 
     requested = cfg.memory_mode if cfg.memory_mode != "auto" else ("checkpoint" if cfg.grad_checkpoint else "auto")
     mode, line = memory.choose_mode(model_config, budget=memory.parse_size(cfg.max_memory), requested=requested, **kw)
-    console.print(line, highlight=False)
-    if cfg.memory_mode == "offload":  # kept where it saves nothing (a CPU run): estimated as checkpoint
+    if cfg.memory_mode == "offload" and mode != "offload":  # kept where it saves nothing (a CPU run)
+        line = line.replace(f"memory mode {mode}:", f"memory mode offload (estimated as {mode}: nothing to offload "
+                            f"to on {kw['plan'].device}):", 1)
         mode = "offload"
+    console.print(line, highlight=False)
     return dataclasses.replace(cfg, memory_mode=mode, grad_checkpoint=mode != "default")
 
 
