@@ -6,6 +6,7 @@
 #   1b      1B bf16 + 1B QLoRA suites (carry .whl .whl_small; .mlxa too, to leave it for the mlx call)
 #   proof   `llm-ft train` bf16 LoRA and QLoRA runs of the 1B model (carry .benchtok)
 #   mlx     MLX-CUDA vs mlx_lm.lora (+ torch) (carry .mlxb; the call right after one that carried .mlxa)
+#   mem     8B bf16 and QLoRA in memory modes default, checkpoint, offload (carry .whl)
 #   8b, 8bq 8B bf16, 8B QLoRA suites;  longest: 8B QLoRA longest batch-1 sequence, ours vs B0
 #   profile torch.profiler over 1B uniform-length steps (PROFILE_ARGS, e.g. "--kernels off --flat-multiple 1")
 #   export  merge + GGUF of the 1B-size run vs cp on the device's 16 cores and disk (carry .whl .benchtok)
@@ -39,6 +40,7 @@ case $stage in
   profile) python3 -m bench.gpu_profile ${PROFILE_ARGS:-} 2>&1 | tee "$log" ;;
   8b) python3 -m bench.gpu_torch --suite 8b-bf16 --steps 12 --warmup 2 --out "$OUT" 2>&1 | tee "$log" ;;
   1bx) python3 -m bench.gpu_torch --suite 1b-diag --out "$OUT" 2>&1 | tee "$log" ;;
+  mem) python3 -m bench.gpu_torch --suite 8b-memory --suite 8b-qlora-memory --steps ${STEPS:-8} --warmup 2 --out "$OUT" 2>&1 | tee "$log" ;;
   8bq) python3 -m bench.gpu_torch --suite 8b-qlora --steps 10 --warmup 2 --out "$OUT" 2>&1 | tee "$log" ;;
   export) python3 -m bench.export_bench --tokenizer .benchtok --workdir /tmp/bench-export --out "$OUT" 2>&1 | tee "$log" ;;
   longest) python3 -m bench.gpu_longest --model llama-3.1-8b --lengths 16384,32768,65536,131072 --out "$OUT" 2>&1 | tee "$log" ;;

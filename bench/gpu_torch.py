@@ -31,10 +31,15 @@ SUITES: dict[str, dict[str, Any]] = {
     "8b-bf16": {"model": "llama-3.1-8b", "qlora": False, "max_len": 4096, "rows": 1,
                 "sides": ["ours", "ours_noliger", "ours_sdpa", "B0", "B1"]},
     "8b-qlora": {"model": "llama-3.1-8b", "qlora": True, "max_len": 4096, "rows": 1, "sides": ["ours", "B0", "B1"]},
+    # memory modes (issue 22): default, checkpoint, offload on the same plan
+    "8b-memory": {"model": "llama-3.1-8b", "qlora": False, "max_len": 4096, "rows": 1,
+                  "sides": ["ours", "ours_gc", "ours_offload"]},
+    "8b-qlora-memory": {"model": "llama-3.1-8b", "qlora": True, "max_len": 4096, "rows": 1,
+                        "sides": ["ours", "ours_gc", "ours_offload"]},
     "1b-diag": {"model": "llama-3.2-1b", "qlora": False, "max_len": 4096, "rows": 1,
                 "sides": ["ours", "ours_expseg", "ours_nocudnn"]},
     "tiny-cpu": {"model": "tiny-llama", "qlora": False, "max_len": 256, "rows": 1,
-                 "sides": ["ours", "ours_gc", "ours_grouped", "B0", "B1"]},
+                 "sides": ["ours", "ours_gc", "ours_offload", "ours_grouped", "B0", "B1"]},
 }
 LOSS_RTOL = 2e-2  # bf16 on both sides, different kernels: per-step mean losses agree to well under 2%
 
@@ -59,6 +64,9 @@ def side_spec(key: str, suite: dict, *, model_dir: str, plan: list, steps: int, 
     elif key == "ours_gc":
         spec.update(kind="ours", plan=plan, label=f"ours torch{q}, packed + grad checkpoint")
         spec["cfg"] = {**base_cfg, "grad_checkpoint": True}
+    elif key == "ours_offload":
+        spec.update(kind="ours", plan=plan, label=f"ours torch{q}, packed, --memory-mode offload")
+        spec["cfg"] = {**base_cfg, "memory_mode": "offload"}
     elif key == "ours_expseg":  # diagnosis of multi-second step spikes: the caching allocator
         spec.update(kind="ours", plan=plan, label=f"ours torch{q}, packed, expandable_segments allocator",
                     env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
@@ -134,7 +142,8 @@ def run_suite(name: str, *, out: Path, steps: int, warmup: int, n_examples: int,
         s["extra"]["model_tflops_per_s"] = sum(flops[w:]) / sum(s["step_times"][w:]) / 1e12
     pairs = [("ours", "B0", 2.0, 1.0, LOSS_RTOL), ("ours", "B1", 1.2, None, LOSS_RTOL),
              ("ours", "ours_sdpa", None, None, LOSS_RTOL), ("ours", "ours_noliger", None, None, LOSS_RTOL),
-             ("ours", "ours_gc", None, None, LOSS_RTOL), ("ours", "ours_grouped", None, None, None),
+             ("ours", "ours_gc", None, None, LOSS_RTOL), ("ours", "ours_offload", None, None, LOSS_RTOL),
+             ("ours", "ours_grouped", None, None, None),
              ("ours_expseg", "ours", None, None, LOSS_RTOL), ("ours_nocudnn", "ours", None, None, LOSS_RTOL)]
     result = bc.build_result(
         f"gpu_{name}", f"{suite['model']} random weights, {'QLoRA nf4' if suite['qlora'] else 'bf16'} LoRA r={lora_r} "

@@ -69,6 +69,11 @@ def run(cfg: TrainConfig, model_dir: Path, data, steps: int, *, label: str, back
     t0 = time.perf_counter()
     info = backend.setup(Path(model_dir), cfg, data.pad_id)
     setup_s = time.perf_counter() - t0
+    after_setup_bytes = None
+    if cuda:
+        import torch
+
+        after_setup_bytes = int(torch.cuda.memory_allocated())  # weights + LoRA (Adam state comes at step 1)
     if after_setup is not None:
         after_setup(backend)  # e.g. snapshot the initial LoRA weights for a baseline to start from
     side = Side(label)
@@ -93,6 +98,11 @@ def run(cfg: TrainConfig, model_dir: Path, data, steps: int, *, label: str, back
 
         side.peak_memory_bytes = int(torch.cuda.max_memory_allocated())
         side.memory_kind = "cuda max allocated"
+        # where the memory goes: resident after setup, after the steps (+ Adam state), the peak, and what the
+        # caching allocator held beyond it (slack)
+        side.extra["memory_parts"] = {"after_setup": after_setup_bytes, "after_steps": int(torch.cuda.memory_allocated()),
+                                      "peak_allocated": side.peak_memory_bytes,
+                                      "peak_reserved": int(torch.cuda.max_memory_reserved())}
     side.extra.update({"setup_s": round(setup_s, 2), "backend_peak_memory_bytes": backend.peak_memory(),
                        "backend_notes": info.notes, "trainable_params": info.trainable_params,
                        "total_params": info.total_params})

@@ -39,11 +39,23 @@ FOREIGN_FLAGS: dict[str, str] = {
 }
 
 
-def flag_hint(flag: str, known: Sequence[str]) -> str | None:
-    """The flag a user most likely meant by the unknown ``flag`` (e.g. ``--learning_rate`` -> ``--lr``)."""
+# (foreign flag, value) -> our flag and value: Unsloth's use_gradient_checkpointing="unsloth" is its
+# offloaded checkpointing, our --memory-mode offload.
+FOREIGN_VALUES: dict[tuple[str, str], tuple[str, str]] = {
+    ("use_gradient_checkpointing", "unsloth"): ("memory_mode", "offload"),
+    ("gradient_checkpointing", "unsloth"): ("memory_mode", "offload"),
+}
+
+
+def flag_hint(flag: str, known: Sequence[str], value: str | None = None) -> str | None:
+    """The flag a user most likely meant by the unknown ``flag`` (e.g. ``--learning_rate`` -> ``--lr``);
+    ``value`` (or ``flag=value``) picks a value-specific hint (``--use_gradient_checkpointing unsloth``)."""
     known = list(known)
-    name = flag.lstrip("-").split("=", 1)[0]
+    name, _, inline = flag.lstrip("-").partition("=")
     key = name.replace("-", "_").lower()
+    ours = FOREIGN_VALUES.get((key, (inline or value or "").strip("\"'").lower()))
+    if ours and config.flag(ours[0]) in known:
+        return f"{config.flag(ours[0])} {ours[1]}"
     # ours spelt with underscores (--max_seq_length, --no_packing), then a foreign name
     for candidate in (key, FOREIGN_FLAGS.get(key), FOREIGN_FLAGS.get(key.removeprefix("lora_"))):
         if candidate and config.flag(candidate) in known:
@@ -70,7 +82,8 @@ class Parser(argparse.ArgumentParser):
             known = [s for action in self._actions for s in action.option_strings]
             lines = []
             for a in unknown:
-                hint = flag_hint(a, known)
+                after = extras[extras.index(a) + 1:extras.index(a) + 2]
+                hint = flag_hint(a, known, after[0] if after else None)
                 lines.append(f"unknown option {a.split('=', 1)[0]}" + (f" (did you mean {hint}?)" if hint else ""))
             self.error("; ".join(lines))
         return parsed, extras

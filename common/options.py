@@ -104,7 +104,14 @@ class MemoryOptions:
     GROUP = "memory and speed"
     load_in_4bit: bool = opt(False, "QLoRA: 4-bit base (bitsandbytes nf4 on CUDA; MLX's 4-bit on a Mac)")
     load_in_8bit: bool = opt(False, "8-bit base (MLX's 8-bit on a Mac; bitsandbytes int8 on CUDA)")
-    grad_checkpoint: bool = opt(False, "gradient checkpointing: less memory, ~30% slower")
+    grad_checkpoint: bool = opt(False, "gradient checkpointing: less memory, ~30% slower (= --memory-mode checkpoint)")
+    memory_mode: Literal["auto", "default", "checkpoint", "offload"] = opt(
+        "auto", "default: keep activations (fastest); checkpoint: recompute each layer in backward, keeping only its "
+        "input; offload: checkpoint and keep those inputs in pinned CPU memory, copied asynchronously (torch on a "
+        "GPU; Unsloth's use_gradient_checkpointing=\"unsloth\"); auto: default (checkpoint with --grad-checkpoint), "
+        "or with --max-memory the fastest that fits")
+    max_memory: str | None = opt(None, "memory budget for training, e.g. 16GB, 16GiB or 12000MB: the preflight "
+                                 "picks the fastest --memory-mode that fits it and stops before loading if none does")
     packing: bool = opt(False, "pack several examples per row, padding-free, no attention across examples")
     group_by_length: bool = opt(True, "batch rows of similar length together (less padding)")
 
@@ -170,9 +177,36 @@ class TrainConfig(OutputOptions, TorchOptions, DeviceOptions, MemoryOptions, Loo
             problems.append("valid_fraction: must be in (0, 1) for training, got 0")
         if self.load_in_4bit and self.load_in_8bit:
             problems.append("load_in_4bit and load_in_8bit: choose one")
+        problems += memory_mode_problems(self)
         if self.early_stop_patience is not None and self.eval_every == 0:
             problems.append("early_stop_patience: needs periodic evaluation (set --eval-every N > 0)")
         return problems + self.preference_problems()
+
+
+def memory_mode_problems(cfg) -> list[str]:
+    """--memory-mode against --grad-checkpoint, --backend and --max-memory's spelling."""
+    problems = []
+    if cfg.grad_checkpoint and cfg.memory_mode == "default":
+        problems.append("memory_mode: default keeps activations, but --grad-checkpoint asks to recompute them: "
+                        "choose one")
+    if cfg.memory_mode == "offload" and cfg.backend == "mlx":
+        problems.append("memory_mode: offload is for the torch backend on a GPU (MLX shares memory with the CPU): "
+                        "use checkpoint")
+    if cfg.max_memory is not None:
+        from common.models.memory import parse_size
+
+        try:
+            parse_size(cfg.max_memory, "max_memory")
+        except ValueError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def memory_mode(cfg) -> str:
+    """The memory mode a config trains in: "default", "checkpoint" or "offload" ("auto" before a budget chose)."""
+    if cfg.memory_mode != "auto":
+        return cfg.memory_mode
+    return "checkpoint" if cfg.grad_checkpoint else "default"
 
 
 G = TypeVar("G")

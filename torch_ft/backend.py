@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
-from common.options import TrainConfig
+from common.options import TrainConfig, memory_mode
 from common.peft import CONFIG, WEIGHTS
 from common.train.backend import BackendInfo, Batch, StepStats
 from common.train.world import World
@@ -68,9 +68,12 @@ class TorchBackend:
         self.model, targets = attach_lora(base, cfg, cfg.seed)
         lora_forward.install(self.model, autocast=self.prec.autocast)
         recompute = None
-        if self.prec.kind == "cpu" and not cfg.grad_checkpoint:
+        if self.prec.kind == "cpu" and memory_mode(cfg) == "default":
             done, total = checkpoint_every(self.model.get_base_model(), plans.CPU_RECOMPUTE_EVERY)
             recompute = f"CPU: {done} of {total} layers recomputed in backward (less memory, ~20% more time)"
+        elif memory_mode(cfg) == "offload":
+            recompute = ("memory mode offload: every layer recomputed in backward, its input kept in pinned CPU "
+                         "memory" + (" (on the CPU: kept in place)" if self.prec.kind == "cpu" else ""))
         compile_note = kernels.compile_layers(self.model, self.prec, cfg.compile)
         self.causal_lm = self.model.get_base_model()
         self.attn_impl = getattr(self.causal_lm.config, "_attn_implementation", "sdpa") or "sdpa"

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from common.errors import UserError
-from common.options import TrainConfig
+from common.options import TrainConfig, memory_mode
 from torch_ft.device import Precision
 
 QLORA_ALTERNATIVES = ("on a Mac, use --backend mlx (MLX trains on a 4-bit base on Apple Silicon); "
@@ -90,13 +90,18 @@ def load_base(model_dir: Path, cfg: TrainConfig, prec: Precision):
     model.config.use_cache = False  # no KV cache while training (generation turns it on per call)
     for p in model.parameters():
         p.requires_grad_(False)
+    mode = memory_mode(cfg)
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.grad_checkpoint,
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=mode == "checkpoint",
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif cfg.grad_checkpoint:
+    elif mode == "checkpoint":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if mode == "offload":
+        from torch_ft import offload
+
+        offload.enable(model)
     return model
 
 

@@ -54,6 +54,8 @@ class ModelsInfoConfig:
     num_layers: int | None = opt(None, "adapt only the last N layers (default: all)", min=1)
     load_in_4bit: bool = opt(False, "estimate with a 4-bit base")
     grad_checkpoint: bool = opt(False, "estimate with gradient checkpointing")
+    max_memory: str | None = opt(None, "a training memory budget (16GB, 16GiB, 12000MB): show each memory mode's "
+                                 "estimate and the one train --max-memory would pick")
 
 
 def run_list(cfg: ModelsListConfig) -> int:
@@ -109,6 +111,7 @@ def model_info(cfg: ModelsInfoConfig) -> dict[str, Any]:
     assessment = memory.assess(model_config, plan=plan, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
                                targets=cfg.targets, batch_size=cfg.batch_size, seq_len=cfg.max_seq_length,
                                grad_checkpoint=cfg.grad_checkpoint, num_layers=cfg.num_layers)
+    modes = memory_modes(model_config, cfg, plan) if cfg.max_memory else None
     exportable, export_note = exporter_support(model_config)
     archs = model_config.get("architectures") or [model_config.get("model_type")]
     return {"model": resolved.to_dict(), "architecture": archs[0], "model_type": model_config.get("model_type"),
@@ -116,7 +119,26 @@ def model_info(cfg: ModelsInfoConfig) -> dict[str, Any]:
             "weight_dtypes": dtypes, "vocab_size": model_config.get("vocab_size"),
             "layers": model_config.get("num_hidden_layers"), "hidden_size": model_config.get("hidden_size"),
             "tokenizer": tokenizer_facts(resolved.path), "exportable": exportable, "export": export_note,
-            "backend": backend, "device": plan.device, "memory": assessment}
+            "backend": backend, "device": plan.device, "memory": assessment, "memory_modes": modes}
+
+
+def memory_modes(model_config: dict[str, Any], cfg: ModelsInfoConfig, plan) -> dict[str, Any]:
+    """--max-memory: each memory mode's estimate and the pick (or the error train would stop with)."""
+    from common.errors import UserError
+    from common.models import memory
+
+    try:
+        budget = memory.parse_size(cfg.max_memory)
+    except ValueError as exc:
+        raise UserError(f"--max-memory {cfg.max_memory}: {str(exc).split(': ', 1)[1]}") from None
+    kw = dict(plan=plan, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r, targets=cfg.targets,
+              batch_size=cfg.batch_size, seq_len=cfg.max_seq_length, num_layers=cfg.num_layers)
+    table = [(m, e.describe()) for m, e in memory.mode_table(model_config, **kw)]
+    try:
+        pick, line = memory.choose_mode(model_config, budget=budget, **kw)
+    except UserError as exc:
+        pick, line = None, exc.message + "; " + "; ".join(p for p in exc.problems if p.startswith("would fit"))
+    return {"budget": budget, "table": table, "pick": pick, "line": line}
 
 
 def run_info(cfg: ModelsInfoConfig) -> int:
@@ -143,6 +165,9 @@ def run_info(cfg: ModelsInfoConfig) -> int:
         ("available", f"{mem.where}: " + ("fits" if mem.fits else f"does NOT fit (limit {format_bytes(mem.limit)})")),
     ]
     rows += [("would fit", s) for s in mem.suggestions]
+    if info.get("memory_modes"):
+        rows += [(f"mode {m}", d) for m, d in info["memory_modes"]["table"]]
+        rows.append(("--max-memory", info["memory_modes"]["line"]))
     for k, v in rows:
         table.add_row(f"[bold]{k}[/]", v)
     Console().print(table)

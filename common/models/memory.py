@@ -138,7 +138,7 @@ def _targets(shape: Shape, targets: Sequence[str]) -> dict[str, tuple[int, int]]
 
 def estimate_training_memory(model_config: dict[str, Any], *, plan: DevicePlan, load_in_4bit: bool,
                              lora_r: int, targets: Sequence[str], batch_size: int, seq_len: int,
-                             grad_checkpoint: bool, num_layers: int | None = None) -> Estimate:
+                             grad_checkpoint: bool, num_layers: int | None = None, offload: bool = False) -> Estimate:
     """Peak memory of LoRA training on ``plan`` (common.backends), in bytes, by part (see the module docstring)."""
     dtype_bytes = plan.dtype_bytes
     s = Shape.from_config(model_config)
@@ -167,7 +167,9 @@ def estimate_training_memory(model_config: dict[str, Any], *, plan: DevicePlan, 
     # the o_proj input, and the MLP's gate, up, activation and product; plus LoRA's r per matrix.
     per_token = 4 * s.hidden + 3 * s.q_dim + 2 * s.kv_dim + 4 * s.inter + lora_r * len(chosen)
     layer_bytes = tokens * per_token * dtype_bytes
-    if grad_checkpoint:
+    if offload:  # layer inputs in host memory: one layer recomputed, one input in transit (torch_ft.offload)
+        activations = tokens * s.hidden * dtype_bytes + layer_bytes
+    elif grad_checkpoint:
         activations = adapted * tokens * s.hidden * dtype_bytes + layer_bytes
     else:
         activations = adapted * layer_bytes
@@ -320,3 +322,69 @@ def preflight(model_config: dict[str, Any], *, plan: DevicePlan, load_in_4bit: b
     problems += [f"would fit: {f}" for f in a.suggestions] or ["no single or paired change fits: choose a smaller model"]
     raise UserError(f"training would need about {format_bytes(a.estimate.total_bytes)} but only "
                     f"{format_bytes(a.limit)} is available", problems)
+
+
+# ---------------------------------------------------------------------------
+# memory modes under a budget (--max-memory)
+
+MODES = ("default", "checkpoint", "offload")  # fastest first
+MODE_FLAGS = {"default": {"grad_checkpoint": False}, "checkpoint": {"grad_checkpoint": True},
+              "offload": {"grad_checkpoint": True, "offload": True}}
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(text: str, name: str = "max_memory") -> int:
+    """Bytes of "16GB" (10^9, as accelerate's max_memory reads it), "16GiB" (2^30), "12000MB"; ValueError naming ``name``."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise ValueError(f"{name}: expected a size such as 16GB, 16GiB or 12000MB, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def usable_modes(plan: DevicePlan) -> tuple[str, ...]:
+    """Offload moves layer inputs from a GPU to host memory: only for torch on CUDA (elsewhere it saves nothing)."""
+    if plan.backend == "torch" and plan.device.startswith("cuda"):
+        return MODES
+    return MODES[:2]
+
+
+def mode_table(model_config: dict[str, Any], **kw: Any) -> list[tuple[str, Estimate]]:
+    """The estimate of each mode usable on ``kw["plan"]``, fastest first (``kw``: estimate_training_memory's)."""
+    kw = {k: v for k, v in kw.items() if k not in ("grad_checkpoint", "offload")}
+    return [(mode, estimate_training_memory(model_config, **kw, **MODE_FLAGS[mode])) for mode in usable_modes(kw["plan"])]
+
+
+def budget_limit(budget: int, plan: DevicePlan, headroom: float = 0.9) -> tuple[int, str]:
+    """What a --max-memory budget lets the estimate use: the budget, or less where the device has less."""
+    available, where = available_memory(plan)
+    if available and int(available * headroom) < budget:
+        return int(available * headroom), f"--max-memory {format_bytes(budget)}, but {where}"
+    return budget, f"--max-memory {format_bytes(budget)}"
+
+
+def choose_mode(model_config: dict[str, Any], *, budget: int, requested: str = "auto", **kw: Any) -> tuple[str, str]:
+    """The fastest memory mode whose estimate fits ``budget`` bytes, and one line saying which and why.
+
+    ``requested`` other than "auto" is checked, not changed. When no mode fits, raises UserError
+    listing the changes (smaller micro-batch, 4-bit base...) that fit in the leanest mode.
+    """
+    limit, where = budget_limit(budget, kw["plan"])
+    table = mode_table(model_config, **kw)
+    if requested != "auto":
+        table = [(m, e) for m, e in table if m == requested] or table[-1:]
+    for mode, est in table:
+        if est.total_bytes <= limit:
+            slower = [f"{m} needs {format_bytes(e.total_bytes)}" for m, e in table if MODES.index(m) < MODES.index(mode)]
+            why = f"; {', '.join(slower)}" if slower else " (the fastest)"
+            return mode, (f"memory mode {mode}: about {format_bytes(est.total_bytes)} fits {where}{why}")
+    leanest, est = table[-1]
+    fixes = _suggestions(model_config, {**kw, **MODE_FLAGS[leanest]}, limit)
+    problems = [f"{m}: {e.describe()}" for m, e in table]
+    problems += [f"would fit with --memory-mode {leanest} and {f}" for f in fixes] or \
+        ["no single or paired change fits: choose a smaller model"]
+    raise UserError(f"training would need about {format_bytes(est.total_bytes)} even in memory mode {leanest}, "
+                    f"but {where} allows {format_bytes(limit)}", problems)

@@ -22,7 +22,7 @@ from common.backends import DevicePlan
 from common.command import main_for, make_parser
 from common.errors import UserError
 from common.io import write_json, write_text
-from common.options import TrainConfig
+from common.options import TrainConfig, memory_mode
 from common.run_dir import lock_for_training
 
 SAMPLE_TOKENS_MAX = 256  # longest sample answer generated at an evaluation
@@ -133,8 +133,9 @@ def prepare(cfg: TrainConfig, console) -> Prepared:
     return Prepared(run_dir, resolved, tokenizer, system_prompt, fp, data)
 
 
-def _preflight(cfg: TrainConfig, resolved, longest: int, plan: DevicePlan, console) -> None:
-    """Refuse, before loading any weight, a run that would not fit in memory (common.models.memory)."""
+def _preflight(cfg: TrainConfig, resolved, longest: int, plan: DevicePlan, console) -> TrainConfig:
+    """Refuse, before loading any weight, a run that would not fit in memory (common.models.memory);
+    with --max-memory, first pick the fastest memory mode that fits it. Returns ``cfg`` in that mode."""
     import json
 
     from common.models import memory
@@ -146,10 +147,28 @@ def _preflight(cfg: TrainConfig, resolved, longest: int, plan: DevicePlan, conso
         rows *= 1 if cfg.packing else 2  # layer's activations at a time, which the margin of the estimate covers
         seq_len = 2 * longest if cfg.packing else longest
     rows = plan.rows_per_pass(rows, seq_len)  # trained in row groups: activations of one group
-    est = memory.preflight(model_config, plan=plan, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
-                           targets=cfg.targets, batch_size=rows, seq_len=seq_len,
-                           grad_checkpoint=cfg.grad_checkpoint, num_layers=cfg.num_layers)
+    kw = dict(plan=plan, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r, targets=cfg.targets, batch_size=rows,
+              seq_len=seq_len, num_layers=cfg.num_layers)
+    if cfg.max_memory is not None:
+        return _budget_mode(cfg, model_config, kw, console)
+    # offload is estimated as checkpoint: an upper bound (the layer inputs it moves to the host are small)
+    est = memory.preflight(model_config, **kw, grad_checkpoint=memory_mode(cfg) != "default")
     console.print(f"[dim]memory estimate: {est.describe()}[/]")
+    return cfg
+
+
+def _budget_mode(cfg: TrainConfig, model_config: dict, kw: dict, console) -> TrainConfig:
+    """--max-memory: the fastest memory mode that fits (common.models.memory.choose_mode), said on one line."""
+    from common.models import memory
+
+    requested = cfg.memory_mode if cfg.memory_mode != "auto" else ("checkpoint" if cfg.grad_checkpoint else "auto")
+    mode, line = memory.choose_mode(model_config, budget=memory.parse_size(cfg.max_memory), requested=requested, **kw)
+    if cfg.memory_mode == "offload" and mode != "offload":  # kept where it saves nothing (a CPU run)
+        line = line.replace(f"memory mode {mode}:", f"memory mode offload (estimated as {mode}: nothing to offload "
+                            f"to on {kw['plan'].device}):", 1)
+        mode = "offload"
+    console.print(line, highlight=False)
+    return dataclasses.replace(cfg, memory_mode=mode, grad_checkpoint=mode != "default")
 
 
 def write_description(p: Prepared, cfg: TrainConfig, backend: str) -> None:
@@ -240,7 +259,7 @@ def _run(cfg: TrainConfig, console, held: contextlib.ExitStack) -> int:
             return 0
     plan = backends.device_plan(backend_name, cfg.device, cfg.dtype)
     longest = max(max(len(e.chosen), len(e.rejected)) if hasattr(e, "chosen") else len(e) for e in p.data.train)
-    _preflight(cfg, p.resolved, longest, plan, console)
+    cfg = _preflight(cfg, p.resolved, longest, plan, console)
 
     backend = backend or backends.load_backend(backend_name)
     info = backend.setup(p.resolved.path, cfg, p.data.pad_id)
