@@ -208,6 +208,8 @@ def _run(cfg: TrainConfig, console, held: contextlib.ExitStack) -> int:
     check_reporters(cfg.report_to)
     if cfg.init_adapter:
         init_adapter_dir(cfg.init_adapter)  # a wrong path fails before any data or weight is read
+    if cfg.fsdp:
+        _check_fsdp(backend_name, cfg.nproc, world)
     if cfg.nproc > 1 and not world.launcher:
         from common.train.launch import relaunch
 
@@ -322,6 +324,15 @@ def _join_world(backend, world, cfg: TrainConfig, held: contextlib.ExitStack):
     world = backend.init_world(world, cfg)
     held.callback(backend.close_world)
     return world
+
+
+def _check_fsdp(backend_name: str, nproc: int, world) -> None:
+    if backend_name != "torch":
+        raise UserError(f"--fsdp: sharding the base (FSDP2) is a torch option; the {backend_name} backend keeps "
+                        "the whole base on every process", ["drop --fsdp, or use --backend torch"])
+    if nproc <= 1 and not world.launcher:
+        raise UserError("--fsdp shards the base model over the processes of a data-parallel job, and this is one "
+                        "process", ["add --nproc N (N processes on this machine), or start it with torchrun"])
 
 
 def _check_same_config(backend, world, cfg: TrainConfig, fingerprint: dict[str, Any]) -> None:

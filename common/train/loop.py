@@ -190,7 +190,11 @@ class Trainer:
         if self.cfg.eval_batches is not None:
             plan = plan[: self.cfg.eval_batches]
         total, count, bad, n_bad = 0.0, 0, [], 0
-        for rows in plan[self.world.rank::self.world.size]:
+        mine = plan[self.world.rank::self.world.size]
+        if getattr(self.backend, "lockstep", False) and len(mine) < -(-len(plan) // self.world.size):
+            # FSDP: every rank makes the same forward calls; this one repeats a batch and drops its result
+            self.method.eval_loss(self.backend, self.method.build([[self.data.valid[i] for i in row] for row in plan[0]]))
+        for rows in mine:
             s, n = self.method.eval_loss(self.backend, self.method.build([[self.data.valid[i] for i in row]
                                                                           for row in rows]))
             if not math.isfinite(s):
@@ -203,10 +207,13 @@ class Trainer:
         return (total / count if count else None), sorted(set(bad)), n_bad == len(plan)
 
     def samples(self, progress: TrainProgress) -> None:
-        if not self.world.is_main:
+        lockstep = getattr(self.backend, "lockstep", False)  # FSDP: every rank generates, rank 0 prints
+        if not (self.world.is_main or lockstep):
             return
         for k, sample in enumerate(self.data.samples[: self.cfg.sample_prompts]):
             ids = self.backend.generate(sample.prompt_ids, sample.max_new_tokens, self.data.stop_ids)
+            if not self.world.is_main:
+                continue
             text = self.data.decode(ids)
             mark = "" if sample.expected is None else (" [green]✓[/]" if text.strip() == sample.expected.strip()
                                                       else " [red]✗[/]")
