@@ -54,6 +54,9 @@ class ModelsInfoConfig:
     num_layers: int | None = opt(None, "adapt only the last N layers (default: all)", min=1)
     load_in_4bit: bool = opt(False, "estimate with a 4-bit base")
     grad_checkpoint: bool = opt(False, "estimate with gradient checkpointing")
+    nproc: int = opt(1, "estimate for one of N data-parallel processes (train --nproc N): the whole base each, or "
+                     "1/N of it with --fsdp; processes on the CPU or a Mac share its memory", min=1)
+    fsdp: bool = opt(False, "with --nproc: the base sharded over the processes (train --fsdp, torch)")
 
 
 def run_list(cfg: ModelsListConfig) -> int:
@@ -108,7 +111,8 @@ def model_info(cfg: ModelsInfoConfig) -> dict[str, Any]:
     plan = backends.device_plan(backend, cfg.device, cfg.dtype)  # what train would run on
     assessment = memory.assess(model_config, plan=plan, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
                                targets=cfg.targets, batch_size=cfg.batch_size, seq_len=cfg.max_seq_length,
-                               grad_checkpoint=cfg.grad_checkpoint, num_layers=cfg.num_layers)
+                               grad_checkpoint=cfg.grad_checkpoint, num_layers=cfg.num_layers,
+                               ranks=_rank_layout(cfg, backend))
     exportable, export_note = exporter_support(model_config)
     archs = model_config.get("architectures") or [model_config.get("model_type")]
     return {"model": resolved.to_dict(), "architecture": archs[0], "model_type": model_config.get("model_type"),
@@ -117,6 +121,19 @@ def model_info(cfg: ModelsInfoConfig) -> dict[str, Any]:
             "layers": model_config.get("num_hidden_layers"), "hidden_size": model_config.get("hidden_size"),
             "tokenizer": tokenizer_facts(resolved.path), "exportable": exportable, "export": export_note,
             "backend": backend, "device": plan.device, "memory": assessment}
+
+
+def _rank_layout(cfg: ModelsInfoConfig, backend: str):
+    """``--nproc``/``--fsdp`` as the preflight's per-process layout (None: one process)."""
+    from common.errors import UserError
+    from common.models.ranks import RankLayout
+
+    if cfg.fsdp and backend != "torch":
+        raise UserError(f"--fsdp: sharding the base (FSDP2) is a torch option; the {backend} backend keeps the "
+                        "whole base on every process", ["drop --fsdp, or use --backend torch"])
+    if cfg.fsdp and cfg.nproc == 1:
+        raise UserError("--fsdp shards the base over processes: give their number with --nproc N")
+    return RankLayout(cfg.nproc, cfg.fsdp) if cfg.nproc > 1 else None
 
 
 def run_info(cfg: ModelsInfoConfig) -> int:
@@ -139,7 +156,9 @@ def run_info(cfg: ModelsInfoConfig) -> int:
          f"; add_bos_token={tok['add_bos_token']}; end of turn: {', '.join(tok['end_of_turn']) or 'none'}"),
         ("GGUF export", info["export"]),
         (f"memory ({info['backend']}, {info['device'] or 'default device'})",
-         f"batch {cfg.batch_size} x seq {cfg.max_seq_length}, LoRA r={cfg.lora_r}: {mem.estimate.describe()}"),
+         f"batch {cfg.batch_size} x seq {cfg.max_seq_length}, LoRA r={cfg.lora_r}"
+         f"{', ' + layout.describe() if (layout := _rank_layout(cfg, info['backend'])) else ''}: "
+         f"{mem.estimate.describe()}"),
         ("available", f"{mem.where}: " + ("fits" if mem.fits else f"does NOT fit (limit {format_bytes(mem.limit)})")),
     ]
     rows += [("would fit", s) for s in mem.suggestions]

@@ -133,11 +133,15 @@ def prepare(cfg: TrainConfig, console) -> Prepared:
     return Prepared(run_dir, resolved, tokenizer, system_prompt, fp, data)
 
 
-def _preflight(cfg: TrainConfig, resolved, longest: int, plan: DevicePlan, console) -> None:
-    """Refuse, before loading any weight, a run that would not fit in memory (common.models.memory)."""
+def _preflight(cfg: TrainConfig, resolved, longest: int, plan: DevicePlan, console, world=None) -> None:
+    """Refuse, before loading any weight, a run that would not fit in memory (common.models.memory);
+    under a launcher, one process's need against its share (common.models.ranks)."""
     import json
 
     from common.models import memory
+    from common.models.ranks import RankLayout
+
+    ranks = RankLayout(world.size, cfg.fsdp, world.local_size) if world is not None and world.size > 1 else None
 
     model_config = json.loads((Path(resolved.path) / "config.json").read_text(encoding="utf-8"))
     seq_len = cfg.max_seq_length if cfg.packing else longest
@@ -148,8 +152,8 @@ def _preflight(cfg: TrainConfig, resolved, longest: int, plan: DevicePlan, conso
     rows = plan.rows_per_pass(rows, seq_len)  # trained in row groups: activations of one group
     est = memory.preflight(model_config, plan=plan, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
                            targets=cfg.targets, batch_size=rows, seq_len=seq_len,
-                           grad_checkpoint=cfg.grad_checkpoint, num_layers=cfg.num_layers)
-    console.print(f"[dim]memory estimate: {est.describe()}[/]")
+                           grad_checkpoint=cfg.grad_checkpoint, num_layers=cfg.num_layers, ranks=ranks)
+    console.print(f"[dim]memory estimate{' ' + ranks.describe() if ranks else ''}: {est.describe()}[/]")
 
 
 def write_description(p: Prepared, cfg: TrainConfig, backend: str) -> None:
@@ -242,7 +246,7 @@ def _run(cfg: TrainConfig, console, held: contextlib.ExitStack) -> int:
             return 0
     plan = backends.device_plan(backend_name, cfg.device, cfg.dtype)
     longest = max(max(len(e.chosen), len(e.rejected)) if hasattr(e, "chosen") else len(e) for e in p.data.train)
-    _preflight(cfg, p.resolved, longest, plan, console)
+    _preflight(cfg, p.resolved, longest, plan, console, world)
 
     backend = backend or backends.load_backend(backend_name)
     info = backend.setup(p.resolved.path, cfg, p.data.pad_id)

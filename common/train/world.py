@@ -26,6 +26,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     launcher: str | None = None  # "torchrun", "mlx.launch", None for a single process
+    local_size: int | None = None  # processes on this machine (torchrun's LOCAL_WORLD_SIZE); None: unknown
 
     @property
     def is_main(self) -> bool:
@@ -48,7 +49,7 @@ def from_env(env: Mapping[str, str] | None = None) -> World:
     env = os.environ if env is None else env
     if "WORLD_SIZE" in env and "RANK" in env:
         world = World(_int(env, "RANK"), _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env
-                      else 0, "torchrun")
+                      else 0, "torchrun", _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else None)
     elif "MLX_RANK" in env:
         # mlx.launch does not export the size: mx.distributed.init() tells the backend
         world = World(_int(env, "MLX_RANK"), _int(env, "MLX_WORLD_SIZE") if "MLX_WORLD_SIZE" in env else 0,
