@@ -18,6 +18,7 @@ from typing import Any
 from common.errors import UserError
 
 INIT_TIMEOUT_S = 120  # a rank that cannot reach the others fails within this, never hangs
+TIMEOUT_ENV = "LLM_FT_INIT_TIMEOUT_S"  # overrides it (a slow cluster's start; a test's short one)
 
 
 @dataclass(frozen=True)
@@ -66,3 +67,18 @@ def config_digest(values: dict[str, Any]) -> list[float]:
     with an all_sum: every rank's digest equals the sum / size only when all agree."""
     h = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).digest()
     return [float(int.from_bytes(h[i:i + 3], "big")) for i in range(0, 12, 3)]
+
+
+def init_timeout_s(env: Mapping[str, str] | None = None) -> float:
+    """Seconds a rank waits to join the others: $LLM_FT_INIT_TIMEOUT_S, else INIT_TIMEOUT_S."""
+    env = os.environ if env is None else env
+    if TIMEOUT_ENV not in env:
+        return float(INIT_TIMEOUT_S)
+    try:
+        value = float(env[TIMEOUT_ENV])
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 86400:
+        raise UserError(f"environment variable {TIMEOUT_ENV}={env[TIMEOUT_ENV]!r}: expected seconds, above 0 "
+                        "and below 86400")
+    return value
