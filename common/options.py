@@ -126,6 +126,8 @@ class DeviceOptions:
                                                                    "support it, fp16 on older GPUs, fp32 on CPU")
     nproc: int = opt(1, "data-parallel processes on this machine: re-runs this command under torchrun (torch) or "
                      "mlx.launch (mlx), one per GPU; each takes --batch-size x --grad-accum per step", min=1)
+    fsdp: bool = opt(False, "torch, under --nproc or torchrun: shard the frozen base over the processes (FSDP2, "
+                     "each holds 1/N of it) for bases that do not fit one GPU; the LoRA weights stay whole on each")
 
 
 @dataclass

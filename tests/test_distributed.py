@@ -27,6 +27,7 @@ STEPS = 3
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MLX_RANK")}
+    env = {k: v for k, v in env.items() if k not in ("LOCAL_WORLD_SIZE", "LLM_FT_NPROC", "LLM_FT_INIT_TIMEOUT_S")}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", NO_COLOR="1")
     return env
 
@@ -225,3 +226,74 @@ def test_ranks_with_another_config_are_named():
     _check_same_config(_Gathered(cfg), World(0, 2), cfg, {"sha256": "x"})  # the same: no error
     with pytest.raises(UserError, match="rank 1 resolved a different configuration"):
         _check_same_config(_Gathered(TrainConfig(model="m", lora_r=8)), World(0, 2), cfg, {"sha256": "x"})
+
+
+def test_ctrl_c_to_the_launcher_stops_every_rank_with_a_checkpoint(runs, tmp_path):
+    # guards against a Ctrl-C that returned at once and left torchrun's ranks training, or a traceback storm
+    import signal
+    import time
+
+    _, _, _, model, data = runs
+    out = tmp_path / "run"
+    args = train_args(model, data, out, 1, "--save-every", "0")
+    args[args.index("--max-steps") + 1] = "100000"
+    proc = subprocess.Popen([sys.executable, "-m", "common.cli", *args, "--nproc", "2"], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while not ((out / "metrics.jsonl").exists() and '"train"' in (out / "metrics.jsonl").read_text()):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, stderr = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(proc.communicate()[1][-3000:]) from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "SignalException" not in stderr
+    assert "--resume" in stderr and "--nproc 2" in stderr.split("continue with:")[1]
+    assert [p.name for p in (out / "checkpoints").iterdir()]
+    assert _child_with("RANK", "1", proc.pid) is None
+
+
+def _rank_alone(env_extra: dict[str, str], tmp_path) -> subprocess.CompletedProcess:
+    """One rank of a 2-process job started by hand (as torchrun would), with a 3 s joining timeout."""
+    env = {**_env(), "WORLD_SIZE": "2", "LOCAL_RANK": env_extra["RANK"], "LLM_FT_INIT_TIMEOUT_S": "3", **env_extra}
+    cmd = [sys.executable, "-m", "common.cli", "train", "--model", str(tmp_path), "--backend", "torch",
+           "--device", "cpu", "--out", str(tmp_path / "run")]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_an_unreachable_master_address_is_a_clear_error(tmp_path):
+    proc = _rank_alone({"RANK": "1", "MASTER_ADDR": "192.0.2.1", "MASTER_PORT": "29555"}, tmp_path)  # TEST-NET-1
+    assert proc.returncode != 0
+    assert "rank 1: cannot join the job's process group at 192.0.2.1:29555 within 3 s" in proc.stderr
+    assert "Traceback" not in proc.stderr and "frame #" not in proc.stderr  # c10d's C++ stacks are kept out
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_master_port_in_use_is_a_clear_error(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = _rank_alone({"RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}, tmp_path)
+    assert proc.returncode != 0
+    assert f"rank 0: cannot join the job's process group at 127.0.0.1:{port}" in proc.stderr
+    assert "address already in use" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_joining_timeout_comes_from_the_environment():
+    from common.errors import UserError
+    from common.train.world import INIT_TIMEOUT_S, init_timeout_s
+
+    assert init_timeout_s({}) == INIT_TIMEOUT_S
+    assert init_timeout_s({"LLM_FT_INIT_TIMEOUT_S": "2.5"}) == 2.5
+    with pytest.raises(UserError, match="LLM_FT_INIT_TIMEOUT_S='soon': expected seconds"):
+        init_timeout_s({"LLM_FT_INIT_TIMEOUT_S": "soon"})

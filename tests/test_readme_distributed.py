@@ -38,10 +38,11 @@ def test_the_readme_lists_single_and_multi_node_commands():
     cmds = readme_commands()
     assert any("--nnodes 2" in c and "--master-addr" in c for c in cmds)
     assert any(c.startswith("mlx.launch --hosts") for c in cmds)
-    assert sum(c.startswith(LOCAL) for c in cmds) == 3
+    assert sum(c.startswith(LOCAL) for c in cmds) == 4
+    assert any("--fsdp" in c for c in cmds if c.startswith(LOCAL))
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(4))
 def test_readme_command_runs(index, tiny_model_dir, tmp_path):
     cmd = [c for c in readme_commands() if c.startswith(LOCAL)][index]
     if cmd.startswith("mlx.launch"):

@@ -17,7 +17,7 @@ from common.options import TrainConfig, memory_mode
 from common.peft import CONFIG, WEIGHTS
 from common.train.backend import BackendInfo, Batch, StepStats
 from common.train.world import World
-from torch_ft import attention, kernels, lora_forward, preference
+from torch_ft import attention, fsdp, kernels, lora_forward, preference
 from torch_ft import device as devices
 from torch_ft import dist as dists
 from torch_ft import plan as plans
@@ -41,12 +41,15 @@ class TorchBackend:
         self._nonfinite = False  # a non-finite loss was seen since the last optimizer step
         self._mode: bool | None = None
         self.world = World()
+        self.lockstep = False  # --fsdp: every rank must make the same forward calls (each one all-gathers)
 
     # -- data parallelism (torchrun) ---------------------------------------------------
 
     def init_world(self, world: World, cfg: TrainConfig) -> World:
         """Join the job's process group before setup (which then loads onto this rank's GPU)."""
         self.world = world
+        if cfg.fsdp:
+            fsdp.check(cfg, world)
         if world.distributed:
             dists.init(world, devices.choose(cfg.device, cfg.dtype).kind)
         return world
@@ -67,6 +70,14 @@ class TorchBackend:
         kernel_note = kernels.apply(base, self.prec, cfg.kernels)
         self.model, targets = attach_lora(base, cfg, cfg.seed)
         lora_forward.install(self.model, autocast=self.prec.autocast)
+        shard_note = None
+        if cfg.fsdp:
+            fsdp.check(cfg, self.world)
+            for p in self.model.parameters():
+                if p.requires_grad:  # FSDP leaves the LoRA weights (ignored_params) where they are
+                    p.data = p.data.to(self.prec.device)
+            shard_note = fsdp.shard(self.model, self.world, self.prec.kind)
+            self.lockstep = True
         recompute = None
         if self.prec.kind == "cpu" and memory_mode(cfg) == "default":
             done, total = checkpoint_every(self.model.get_base_model(), plans.CPU_RECOMPUTE_EVERY)
@@ -74,8 +85,10 @@ class TorchBackend:
         elif memory_mode(cfg) == "offload":
             recompute = ("memory mode offload: every layer recomputed in backward, its input kept in pinned CPU "
                          "memory" + (" (on the CPU: kept in place)" if self.prec.kind == "cpu" else ""))
-        compile_note = kernels.compile_layers(self.model, self.prec, cfg.compile)
+        compile_note = None if cfg.fsdp else kernels.compile_layers(self.model, self.prec, cfg.compile)
         self.causal_lm = self.model.get_base_model()
+        self._loss = (fsdp.as_root_forward(self.causal_lm, supervised_loss) if cfg.fsdp else
+                      lambda inputs, mask: supervised_loss(self.causal_lm, inputs, mask))
         self.attn_impl = getattr(self.causal_lm.config, "_attn_implementation", "sdpa") or "sdpa"
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, notes = make_optimizer(cfg.optim, self.model, lr=cfg.peak_lr, weight_decay=cfg.weight_decay,
@@ -86,7 +99,7 @@ class TorchBackend:
         trainable = sum(p.numel() for p in self.params)
         total = sum(p.numel() for p in self.model.parameters())
         notes = [f"torch {torch.__version__}: {self.prec.description}, attention {self.attn_impl}"] + notes
-        notes += [n for n in (kernel_note, compile_note, recompute) if n]
+        notes += [n for n in (shard_note, kernel_note, compile_note, recompute) if n]
         if self.prec.kind == "cpu" and (busy := devices.busy_cpu_note(torch.get_num_threads())):
             notes.append(busy)
         if cfg.load_in_4bit:
@@ -119,7 +132,7 @@ class TorchBackend:
         for part in self._passes(batch):
             inputs, loss_mask = self._inputs(part)
             with devices.autocast(self.prec):
-                loss_sum, _ = supervised_loss(self.causal_lm, inputs, loss_mask)
+                loss_sum, _ = self._loss(inputs, loss_mask)
             loss = loss_sum * scale
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             # Read after backward: reading it before would drain the GPU's queue between forward and backward.
@@ -127,12 +140,15 @@ class TorchBackend:
             total += value
             if not math.isfinite(value):
                 self._nonfinite = True  # its gradients are NaN too: the step will be skipped
-                return total
+                if not self.lockstep:  # under FSDP the other ranks wait for this rank's next forward
+                    return total
         return total
 
     def _passes(self, batch: Batch) -> list[Batch]:
         """The batch in row groups (``torch_ft.plan.rows_per_pass``: on the CPU only)."""
         rows = len(batch.input_ids)
+        if self.lockstep:  # one pass per micro-batch on every rank: the same number of all-gathers
+            return [batch]
         per = plans.rows_per_pass(rows, len(batch.input_ids[0]) if rows else 0, self.prec.kind)
         if per >= rows:
             return [batch]
@@ -171,7 +187,7 @@ class TorchBackend:
         self._train_mode(False)
         inputs, loss_mask = self._inputs(batch)
         with devices.autocast(self.prec):
-            loss_sum, n = supervised_loss(self.causal_lm, inputs, loss_mask)
+            loss_sum, n = self._loss(inputs, loss_mask)
         return float(loss_sum), n
 
     @torch.no_grad()

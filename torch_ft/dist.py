@@ -7,33 +7,51 @@ by 1/(supervised tokens of the global step), so the SUM is the global mean gradi
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import os
+import sys
 
 import torch
 import torch.distributed as dist
 
 from common.errors import UserError
-from common.train.world import INIT_TIMEOUT_S, World
+from common.train.world import World, init_timeout_s
 
 
-def init(world: World, device_kind: str, timeout_s: float = INIT_TIMEOUT_S) -> None:
+def init(world: World, device_kind: str, timeout_s: float | None = None) -> None:
     """Join the job's process group (env:// from torchrun's variables); a clear error, not a hang."""
     if dist.is_initialized():
         return
+    timeout_s = init_timeout_s() if timeout_s is None else timeout_s
     backend = "nccl" if device_kind == "cuda" else "gloo"
     if device_kind == "cuda":
         torch.cuda.set_device(world.local_rank)
     try:
-        dist.init_process_group(backend, init_method="env://", rank=world.rank, world_size=world.size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        with _quiet_native_log():
+            dist.init_process_group(backend, init_method="env://", rank=world.rank, world_size=world.size,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError, OSError) as exc:  # DistStoreError is a RuntimeError
-        import os
-
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         raise UserError(f"rank {world.rank}: cannot join the job's process group at {where} "
                         f"within {timeout_s:g} s: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
                         ["check --master-addr / --master-port (a port already in use?), and that every node runs "
                          "the same command"]) from None
+
+
+@contextlib.contextmanager
+def _quiet_native_log():
+    """c10d logs every failed connection attempt with a C++ stack trace on stderr (fd 2): keep them out of the
+    user's terminal while joining; our one-line error says what failed (host, port, timeout, cause)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "wb") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def all_sum(values: list[float]) -> list[float]:

@@ -56,8 +56,10 @@ def _quantization_config(cfg: TrainConfig, prec: Precision):
         return BitsAndBytesConfig(load_in_8bit=True)
     # QLoRA (Dettmers et al. 2023): nf4 storage, double quantisation of the scales, half compute.
     compute = prec.dtype if prec.dtype != torch.float32 else torch.bfloat16
+    # Under --fsdp the packed 4-bit weights are stored in bf16-typed tensors so FSDP can shard them.
+    storage = {"bnb_4bit_quant_storage": torch.bfloat16} if cfg.fsdp else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute)
+                              bnb_4bit_compute_dtype=compute, **storage)
 
 
 def load_base(model_dir: Path, cfg: TrainConfig, prec: Precision):
@@ -85,13 +87,18 @@ def load_base(model_dir: Path, cfg: TrainConfig, prec: Precision):
         raise
     finally:
         hf_logging.enable_progress_bar()
-    if quant is None:
+    if quant is None and not cfg.fsdp:  # under --fsdp, fully_shard moves each rank's shard to its device
         model.to(prec.device)
     model.config.use_cache = False  # no KV cache while training (generation turns it on per call)
     for p in model.parameters():
         p.requires_grad_(False)
     mode = memory_mode(cfg)
-    if quant is not None:
+    if quant is not None and cfg.fsdp:
+        # not peft's prepare_model_for_kbit_training: its fp32 norms would mix dtypes in an FSDP unit
+        if mode == "checkpoint":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    elif quant is not None:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=mode == "checkpoint",

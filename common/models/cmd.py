@@ -56,6 +56,9 @@ class ModelsInfoConfig:
     grad_checkpoint: bool = opt(False, "estimate with gradient checkpointing")
     max_memory: str | None = opt(None, "a training memory budget (16GB, 16GiB, 12000MB): show each memory mode's "
                                  "estimate and the one train --max-memory would pick")
+    nproc: int = opt(1, "estimate for one of N data-parallel processes (train --nproc N): the whole base each, or "
+                     "1/N of it with --fsdp; processes on the CPU or a Mac share its memory", min=1)
+    fsdp: bool = opt(False, "with --nproc: the base sharded over the processes (train --fsdp, torch)")
 
 
 def run_list(cfg: ModelsListConfig) -> int:
@@ -108,10 +111,12 @@ def model_info(cfg: ModelsInfoConfig) -> dict[str, Any]:
         n_params = memory.Shape.from_config(model_config).parameter_count()  # packed weights: count from shapes
     backend = backends.resolve(cfg.backend)
     plan = backends.device_plan(backend, cfg.device, cfg.dtype)  # what train would run on
+    ranks = _rank_layout(cfg, backend)
     assessment = memory.assess(model_config, plan=plan, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
                                targets=cfg.targets, batch_size=cfg.batch_size, seq_len=cfg.max_seq_length,
-                               grad_checkpoint=cfg.grad_checkpoint, num_layers=cfg.num_layers)
-    modes = memory_modes(model_config, cfg, plan) if cfg.max_memory else None
+                               grad_checkpoint=cfg.grad_checkpoint, num_layers=cfg.num_layers,
+                               ranks=ranks)
+    modes = memory_modes(model_config, cfg, plan, ranks) if cfg.max_memory else None
     exportable, export_note = exporter_support(model_config)
     archs = model_config.get("architectures") or [model_config.get("model_type")]
     return {"model": resolved.to_dict(), "architecture": archs[0], "model_type": model_config.get("model_type"),
@@ -122,7 +127,7 @@ def model_info(cfg: ModelsInfoConfig) -> dict[str, Any]:
             "backend": backend, "device": plan.device, "memory": assessment, "memory_modes": modes}
 
 
-def memory_modes(model_config: dict[str, Any], cfg: ModelsInfoConfig, plan) -> dict[str, Any]:
+def memory_modes(model_config: dict[str, Any], cfg: ModelsInfoConfig, plan, ranks=None) -> dict[str, Any]:
     """--max-memory: each memory mode's estimate and the pick (or the error train would stop with)."""
     from common.errors import UserError
     from common.models import memory
@@ -132,13 +137,26 @@ def memory_modes(model_config: dict[str, Any], cfg: ModelsInfoConfig, plan) -> d
     except ValueError as exc:
         raise UserError(f"--max-memory {cfg.max_memory}: {str(exc).split(': ', 1)[1]}") from None
     kw = dict(plan=plan, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r, targets=cfg.targets,
-              batch_size=cfg.batch_size, seq_len=cfg.max_seq_length, num_layers=cfg.num_layers)
+              batch_size=cfg.batch_size, seq_len=cfg.max_seq_length, num_layers=cfg.num_layers, ranks=ranks)
     table = [(m, e.describe()) for m, e in memory.mode_table(model_config, **kw)]
     try:
         pick, line = memory.choose_mode(model_config, budget=budget, **kw)
     except UserError as exc:
         pick, line = None, exc.message + "; " + "; ".join(p for p in exc.problems if p.startswith("would fit"))
     return {"budget": budget, "table": table, "pick": pick, "line": line}
+
+
+def _rank_layout(cfg: ModelsInfoConfig, backend: str):
+    """``--nproc``/``--fsdp`` as the preflight's per-process layout (None: one process)."""
+    from common.errors import UserError
+    from common.models.ranks import RankLayout
+
+    if cfg.fsdp and backend != "torch":
+        raise UserError(f"--fsdp: sharding the base (FSDP2) is a torch option; the {backend} backend keeps the "
+                        "whole base on every process", ["drop --fsdp, or use --backend torch"])
+    if cfg.fsdp and cfg.nproc == 1:
+        raise UserError("--fsdp shards the base over processes: give their number with --nproc N")
+    return RankLayout(cfg.nproc, cfg.fsdp) if cfg.nproc > 1 else None
 
 
 def run_info(cfg: ModelsInfoConfig) -> int:
@@ -161,7 +179,9 @@ def run_info(cfg: ModelsInfoConfig) -> int:
          f"; add_bos_token={tok['add_bos_token']}; end of turn: {', '.join(tok['end_of_turn']) or 'none'}"),
         ("GGUF export", info["export"]),
         (f"memory ({info['backend']}, {info['device'] or 'default device'})",
-         f"batch {cfg.batch_size} x seq {cfg.max_seq_length}, LoRA r={cfg.lora_r}: {mem.estimate.describe()}"),
+         f"batch {cfg.batch_size} x seq {cfg.max_seq_length}, LoRA r={cfg.lora_r}"
+         f"{', ' + layout.describe() if (layout := _rank_layout(cfg, info['backend'])) else ''}: "
+         f"{mem.estimate.describe()}"),
         ("available", f"{mem.where}: " + ("fits" if mem.fits else f"does NOT fit (limit {format_bytes(mem.limit)})")),
     ]
     rows += [("would fit", s) for s in mem.suggestions]

@@ -35,6 +35,8 @@ from typing import Any
 from common.archs import ARCHS, ArchSpec, by_model_type
 from common.backends import DevicePlan
 from common.errors import UserError
+from common.models.ranks import RankLayout
+from common.models.ranks import apply as per_rank
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -138,8 +140,10 @@ def _targets(shape: Shape, targets: Sequence[str]) -> dict[str, tuple[int, int]]
 
 def estimate_training_memory(model_config: dict[str, Any], *, plan: DevicePlan, load_in_4bit: bool,
                              lora_r: int, targets: Sequence[str], batch_size: int, seq_len: int,
-                             grad_checkpoint: bool, num_layers: int | None = None, offload: bool = False) -> Estimate:
-    """Peak memory of LoRA training on ``plan`` (common.backends), in bytes, by part (see the module docstring)."""
+                             grad_checkpoint: bool, num_layers: int | None = None, offload: bool = False,
+                             ranks: RankLayout | None = None) -> Estimate:
+    """Peak memory of LoRA training on ``plan`` (common.backends), in bytes, by part (see the module docstring);
+    with ``ranks``, of one process of that data-parallel job (common.models.ranks)."""
     dtype_bytes = plan.dtype_bytes
     s = Shape.from_config(model_config)
     linears = s.linears()
@@ -150,11 +154,14 @@ def estimate_training_memory(model_config: dict[str, Any], *, plan: DevicePlan, 
         per = prequant["bits"] / 8 + 4 / int(prequant.get("group_size", 64))  # + fp16 scale and bias per group
         embed = s.vocab * s.hidden * (1 if s.tied else 2)
         weights = (linear_params + embed) * per + (other_params - embed) * dtype_bytes
+        root = embed * per + s.hidden * dtype_bytes
     elif load_in_4bit:
         embed = s.vocab * s.hidden * (1 if s.tied else 2) if plan.quantizes_embeddings else 0
         weights = (linear_params + embed) * plan.quant_bytes + (other_params - embed) * dtype_bytes
+        root = embed * plan.quant_bytes + (s.vocab * s.hidden * (1 if s.tied else 2) - embed + s.hidden) * dtype_bytes
     else:
         weights = (linear_params + other_params) * dtype_bytes
+        root = (s.vocab * s.hidden * (1 if s.tied else 2) + s.hidden) * dtype_bytes
 
     adapted = min(num_layers or s.layers, s.layers)
     chosen = _targets(s, targets)
@@ -176,6 +183,7 @@ def estimate_training_memory(model_config: dict[str, Any], *, plan: DevicePlan, 
     logits = tokens * s.vocab * 4 * LOGIT_COPIES
     parts = {"weights": int(weights), "lora+adam": int(lora), "activations": int(activations * plan.slack),
              "logits": int(logits * plan.slack), "overhead": plan.overhead_bytes}
+    parts = per_rank(parts, weights_root=int(root), layers=s.layers, layout=ranks)
     return Estimate(sum(parts.values()), parts)
 
 
@@ -231,6 +239,10 @@ def _suggestions(model_config: dict[str, Any], kw: dict[str, Any], limit: int) -
         changes.append(("a 4-bit base (--load-in-4bit)", {"load_in_4bit": True}))
     if not kw["grad_checkpoint"]:
         changes.append(("gradient checkpointing (--grad-checkpoint)", {"grad_checkpoint": True}))
+    ranks = kw.get("ranks")
+    if ranks is not None and ranks.processes > 1 and not ranks.fsdp and kw["plan"].backend == "torch":
+        changes.append(("the base sharded over the processes (--fsdp)",
+                        {"ranks": RankLayout(ranks.processes, True, ranks.local)}))
     b = kw["batch_size"]
     while b > 1:
         b //= 2
@@ -284,15 +296,19 @@ class Assessment:
 def assess(model_config: dict[str, Any], *, plan: DevicePlan, load_in_4bit: bool, lora_r: int,
            targets: Sequence[str], batch_size: int, seq_len: int,
            grad_checkpoint: bool, num_layers: int | None = None, limit_bytes: int | None = None,
-           headroom: float = 0.9) -> Assessment:
-    """The estimate, what is available, and (when it does not fit) what would; raises nothing."""
+           headroom: float = 0.9, ranks: RankLayout | None = None) -> Assessment:
+    """The estimate, what is available, and (when it does not fit) what would; raises nothing.
+    With ``ranks``: for one process of a data-parallel job, against its share of the memory."""
     kw = dict(plan=plan, load_in_4bit=load_in_4bit, lora_r=lora_r, targets=list(targets), batch_size=batch_size,
-              seq_len=seq_len, grad_checkpoint=grad_checkpoint, num_layers=num_layers)
+              seq_len=seq_len, grad_checkpoint=grad_checkpoint, num_layers=num_layers, ranks=ranks)
     est = estimate_training_memory(model_config, **kw)
     if limit_bytes is None:
         available, where = available_memory(plan)
     else:
         available, where = limit_bytes, f"limit {format_bytes(limit_bytes)}"
+    if ranks is not None and (k := ranks.sharing(plan)) > 1:
+        available //= k
+        where += f"; shared by {k} processes: {format_bytes(available)} each"
     limit = int(available * headroom)
     result = Assessment(est, available, where, limit, [])
     if not result.fits:
@@ -303,7 +319,7 @@ def assess(model_config: dict[str, Any], *, plan: DevicePlan, load_in_4bit: bool
 def preflight(model_config: dict[str, Any], *, plan: DevicePlan, load_in_4bit: bool, lora_r: int,
               targets: Sequence[str], batch_size: int, seq_len: int,
               grad_checkpoint: bool, num_layers: int | None = None, limit_bytes: int | None = None,
-              headroom: float = 0.9) -> Estimate:
+              headroom: float = 0.9, ranks: RankLayout | None = None) -> Estimate:
     """Estimate training memory; raise UserError, listing what would fit, if it exceeds what is available.
 
     Call it before loading any weight. ``plan`` is the backend's device plan
@@ -314,7 +330,8 @@ def preflight(model_config: dict[str, Any], *, plan: DevicePlan, load_in_4bit: b
     """
     a = assess(model_config, plan=plan, load_in_4bit=load_in_4bit,
                lora_r=lora_r, targets=targets, batch_size=batch_size, seq_len=seq_len,
-               grad_checkpoint=grad_checkpoint, num_layers=num_layers, limit_bytes=limit_bytes, headroom=headroom)
+               grad_checkpoint=grad_checkpoint, num_layers=num_layers, limit_bytes=limit_bytes, headroom=headroom,
+               ranks=ranks)
     if a.fits:
         return a.estimate
     problems = [f"estimate: {a.estimate.describe()}",

@@ -133,12 +133,16 @@ def prepare(cfg: TrainConfig, console) -> Prepared:
     return Prepared(run_dir, resolved, tokenizer, system_prompt, fp, data)
 
 
-def _preflight(cfg: TrainConfig, resolved, longest: int, plan: DevicePlan, console) -> TrainConfig:
+def _preflight(cfg: TrainConfig, resolved, longest: int, plan: DevicePlan, console, world=None) -> TrainConfig:
     """Refuse, before loading any weight, a run that would not fit in memory (common.models.memory);
-    with --max-memory, first pick the fastest memory mode that fits it. Returns ``cfg`` in that mode."""
+    with --max-memory, first pick the fastest memory mode that fits it; under a launcher, one process's
+    need against its share (common.models.ranks). Returns ``cfg`` in the memory mode chosen."""
     import json
 
     from common.models import memory
+    from common.models.ranks import RankLayout
+
+    ranks = RankLayout(world.size, cfg.fsdp, world.local_size) if world is not None and world.size > 1 else None
 
     model_config = json.loads((Path(resolved.path) / "config.json").read_text(encoding="utf-8"))
     seq_len = cfg.max_seq_length if cfg.packing else longest
@@ -148,12 +152,12 @@ def _preflight(cfg: TrainConfig, resolved, longest: int, plan: DevicePlan, conso
         seq_len = 2 * longest if cfg.packing else longest
     rows = plan.rows_per_pass(rows, seq_len)  # trained in row groups: activations of one group
     kw = dict(plan=plan, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r, targets=cfg.targets, batch_size=rows,
-              seq_len=seq_len, num_layers=cfg.num_layers)
+              seq_len=seq_len, num_layers=cfg.num_layers, ranks=ranks)
     if cfg.max_memory is not None:
         return _budget_mode(cfg, model_config, kw, console)
     # offload is estimated as checkpoint: an upper bound (the layer inputs it moves to the host are small)
     est = memory.preflight(model_config, **kw, grad_checkpoint=memory_mode(cfg) != "default")
-    console.print(f"[dim]memory estimate: {est.describe()}[/]")
+    console.print(f"[dim]memory estimate{' ' + ranks.describe() if ranks else ''}: {est.describe()}[/]")
     return cfg
 
 
@@ -227,6 +231,8 @@ def _run(cfg: TrainConfig, console, held: contextlib.ExitStack) -> int:
     check_reporters(cfg.report_to)
     if cfg.init_adapter:
         init_adapter_dir(cfg.init_adapter)  # a wrong path fails before any data or weight is read
+    if cfg.fsdp:
+        _check_fsdp(backend_name, cfg.nproc, world)
     if cfg.nproc > 1 and not world.launcher:
         from common.train.launch import relaunch
 
@@ -259,7 +265,7 @@ def _run(cfg: TrainConfig, console, held: contextlib.ExitStack) -> int:
             return 0
     plan = backends.device_plan(backend_name, cfg.device, cfg.dtype)
     longest = max(max(len(e.chosen), len(e.rejected)) if hasattr(e, "chosen") else len(e) for e in p.data.train)
-    cfg = _preflight(cfg, p.resolved, longest, plan, console)
+    cfg = _preflight(cfg, p.resolved, longest, plan, console, world)
 
     backend = backend or backends.load_backend(backend_name)
     info = backend.setup(p.resolved.path, cfg, p.data.pad_id)
@@ -341,6 +347,15 @@ def _join_world(backend, world, cfg: TrainConfig, held: contextlib.ExitStack):
     world = backend.init_world(world, cfg)
     held.callback(backend.close_world)
     return world
+
+
+def _check_fsdp(backend_name: str, nproc: int, world) -> None:
+    if backend_name != "torch":
+        raise UserError(f"--fsdp: sharding the base (FSDP2) is a torch option; the {backend_name} backend keeps "
+                        "the whole base on every process", ["drop --fsdp, or use --backend torch"])
+    if nproc <= 1 and not world.launcher:
+        raise UserError("--fsdp shards the base model over the processes of a data-parallel job, and this is one "
+                        "process", ["add --nproc N (N processes on this machine), or start it with torchrun"])
 
 
 def _check_same_config(backend, world, cfg: TrainConfig, fingerprint: dict[str, Any]) -> None:

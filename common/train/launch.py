@@ -8,12 +8,16 @@ mlx: ``mlx.launch -n N --backend ring -- python -m common.cli train ...`` (ranks
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from common.errors import UserError
+
+SHUTDOWN_S = 300  # seconds the ranks get, after Ctrl-C, to checkpoint before the launcher kills them
 
 
 def without_nproc(args: list[str]) -> list[str]:
@@ -32,8 +36,9 @@ def without_nproc(args: list[str]) -> list[str]:
 def launcher_command(backend: str, nproc: int, train_args: list[str]) -> list[str]:
     rank_cmd = ["-m", "common.cli", *train_args]
     if backend == "torch":
+        # after a Ctrl-C torchrun gives the ranks this long to finish their step and checkpoint (its default: 30 s)
         return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
-                *rank_cmd]
+                "--shutdown-timeout", str(SHUTDOWN_S), *rank_cmd]
     if backend == "mlx":
         script = Path(sys.executable).with_name("mlx.launch")
         launch = [str(script)] if script.exists() else [
@@ -51,10 +56,9 @@ def relaunch(backend: str, nproc: int, argv: list[str] | None = None) -> int:
     cmd = launcher_command(backend, nproc, without_nproc(args))
     print(f"launching {nproc} processes: {' '.join(cmd[:6])} ...", file=sys.stderr)
     failed: list[str] = []
-    try:
-        code = _run_teeing(cmd, failed)
-    except KeyboardInterrupt:  # the launcher forwards Ctrl-C to the ranks, which checkpoint and exit 130
-        return 130
+    code = _run_teeing(cmd, failed, nproc)
+    if code == INTERRUPTED:
+        return code
     if code not in (0, 130):
         from common.train.loop import resume_command
 
@@ -72,11 +76,41 @@ _RANK = re.compile(r"^\s*(?:\[\d+\]:\s*)?rank\s*:\s*(\d+)|\brank (\d+)\b")
 _NODE = re.compile(r"Node with rank (\d+) exited with code (-?\d+)")
 
 
-def _run_teeing(cmd: list[str], failed: list[str]) -> int:
-    """Run ``cmd``, passing its stderr through and noting the rank its failure report names."""
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace")
+INTERRUPTED = 130
+# what torchrun / mlx.launch print while they stop on a signal: their own tracebacks and logs, not the user's concern
+_NOISE = re.compile(r"^(\s|Traceback|\w+(\.\w+)+(Error|Exception)\b|[WEI]\d{4} |\[[WE]\d{4}|W\d{4}|.*elastic)")
+
+
+def _run_teeing(cmd: list[str], failed: list[str], nproc: int = 1) -> int:
+    """Run ``cmd``, passing its stderr through and noting the rank its failure report names.
+
+    The launcher runs in its own session, so a Ctrl-C in the terminal reaches this process alone; it is
+    passed to the launcher once per press, which passes it to every rank: they finish the step together,
+    rank 0 writes a checkpoint and prints the resume command, and this returns 130 (the launcher's own
+    shutdown report is not shown)."""
+    from common.train.loop import NPROC_ENV
+
+    env = {**os.environ, NPROC_ENV: str(nproc)}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True, env=env)
+    interrupted = []
+
+    def forward(signum, frame) -> None:
+        interrupted.append(signum)
+        proc.send_signal(signal.SIGINT)
+
+    old = signal.signal(signal.SIGINT, forward)
+    try:
+        code = _tee(proc, failed, interrupted)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    return INTERRUPTED if interrupted else code
+
+
+def _tee(proc: subprocess.Popen, failed: list[str], interrupted: list[int]) -> int:
     named, nodes, root = [], [], False
     for line in proc.stderr:
+        if interrupted and _NOISE.match(line):
+            continue
         sys.stderr.write(line)
         sys.stderr.flush()
         root = root or "Root Cause" in line  # torchrun names the first rank to fail after this

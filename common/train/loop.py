@@ -12,6 +12,7 @@ resume, non-finite guard, Ctrl-C.
 from __future__ import annotations
 
 import math
+import os
 import random
 import shlex
 import signal
@@ -91,9 +92,14 @@ def _set_rng_states(py: Any, npy: Any) -> None:
         np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4]))
 
 
+NPROC_ENV = "LLM_FT_NPROC"  # set by `train --nproc N` for its ranks: the resume command they print keeps it
+
+
 def resume_command(run_dir: Path) -> str:
     """The exact command that continues this run: the user's own ``train`` command plus ``--resume``."""
     args = sys.argv[1:]
+    if (nproc := os.environ.get(NPROC_ENV)) and "--nproc" not in args:  # a rank of `llm-ft train --nproc N`
+        args = [*args, "--nproc", nproc]
     if args[:1] == ["train"]:
         return "llm-ft " + shlex.join(args + ([] if "--resume" in args else ["--resume"]))
     return f"the same 'llm-ft train' command with --out {shlex.quote(str(run_dir))} --resume"
@@ -190,7 +196,11 @@ class Trainer:
         if self.cfg.eval_batches is not None:
             plan = plan[: self.cfg.eval_batches]
         total, count, bad, n_bad = 0.0, 0, [], 0
-        for rows in plan[self.world.rank::self.world.size]:
+        mine = plan[self.world.rank::self.world.size]
+        if getattr(self.backend, "lockstep", False) and len(mine) < -(-len(plan) // self.world.size):
+            # FSDP: every rank makes the same forward calls; this one repeats a batch and drops its result
+            self.method.eval_loss(self.backend, self.method.build([[self.data.valid[i] for i in row] for row in plan[0]]))
+        for rows in mine:
             s, n = self.method.eval_loss(self.backend, self.method.build([[self.data.valid[i] for i in row]
                                                                           for row in rows]))
             if not math.isfinite(s):
@@ -203,10 +213,13 @@ class Trainer:
         return (total / count if count else None), sorted(set(bad)), n_bad == len(plan)
 
     def samples(self, progress: TrainProgress) -> None:
-        if not self.world.is_main:
+        lockstep = getattr(self.backend, "lockstep", False)  # FSDP: every rank generates, rank 0 prints
+        if not (self.world.is_main or lockstep):
             return
         for k, sample in enumerate(self.data.samples[: self.cfg.sample_prompts]):
             ids = self.backend.generate(sample.prompt_ids, sample.max_new_tokens, self.data.stop_ids)
+            if not self.world.is_main:
+                continue
             text = self.data.decode(ids)
             mark = "" if sample.expected is None else (" [green]✓[/]" if text.strip() == sample.expected.strip()
                                                       else " [red]✗[/]")
@@ -355,7 +368,7 @@ class Trainer:
             self.restore(resume)  # replaces self.state: bind it only afterwards
         cfg, s = self.cfg, self.state
         wall0 = time.time()
-        with TrainProgress(self.total_steps, s.step, self.console) as progress, Interrupt() as interrupt:
+        with TrainProgress(self.total_steps, s.step, self.console, self.world.size) as progress, Interrupt() as interrupt:
             while s.step < self.total_steps:
                 t0 = time.perf_counter()
                 loss, stats, indices, lr = self.train_step()

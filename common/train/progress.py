@@ -52,8 +52,9 @@ class LogLines:
 
 
 class TrainProgress:
-    def __init__(self, total_steps: int, start_step: int = 0, console: Console | None = None):
+    def __init__(self, total_steps: int, start_step: int = 0, console: Console | None = None, world_size: int = 1):
         self.console = console or Console(stderr=True)
+        self.world_size = world_size  # > 1: total tokens/s of the job, then per process
         self.total = total_steps
         self.live = self.console.is_terminal
         self.fields = {"loss": "-", "eval": "-", "lr": "-", "tps": "-", "mem": "-", "pref": ""}
@@ -87,7 +88,8 @@ class TrainProgress:
         if lr is not None:
             self.fields["lr"] = f"{lr:.2e}"
         if tokens_per_s is not None:
-            self.fields["tps"] = f"{tokens_per_s:,.0f}"
+            self.fields["tps"] = f"{tokens_per_s:,.0f}" + (
+                f" ({self.world_size} ranks, {tokens_per_s / self.world_size:,.0f}/rank)" if self.world_size > 1 else "")
         if peak_memory is not None:
             self.fields["mem"] = human_bytes(peak_memory)
         if margin is not None and accuracy is not None:  # rewards/margins and rewards/accuracies (TRL's names)

@@ -18,6 +18,7 @@ from typing import Any
 from common.errors import UserError
 
 INIT_TIMEOUT_S = 120  # a rank that cannot reach the others fails within this, never hangs
+TIMEOUT_ENV = "LLM_FT_INIT_TIMEOUT_S"  # overrides it (a slow cluster's start; a test's short one)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     launcher: str | None = None  # "torchrun", "mlx.launch", None for a single process
+    local_size: int | None = None  # processes on this machine (torchrun's LOCAL_WORLD_SIZE); None: unknown
 
     @property
     def is_main(self) -> bool:
@@ -48,7 +50,7 @@ def from_env(env: Mapping[str, str] | None = None) -> World:
     env = os.environ if env is None else env
     if "WORLD_SIZE" in env and "RANK" in env:
         world = World(_int(env, "RANK"), _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env
-                      else 0, "torchrun")
+                      else 0, "torchrun", _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else None)
     elif "MLX_RANK" in env:
         # mlx.launch does not export the size: mx.distributed.init() tells the backend
         world = World(_int(env, "MLX_RANK"), _int(env, "MLX_WORLD_SIZE") if "MLX_WORLD_SIZE" in env else 0,
@@ -65,3 +67,18 @@ def config_digest(values: dict[str, Any]) -> list[float]:
     with an all_sum: every rank's digest equals the sum / size only when all agree."""
     h = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).digest()
     return [float(int.from_bytes(h[i:i + 3], "big")) for i in range(0, 12, 3)]
+
+
+def init_timeout_s(env: Mapping[str, str] | None = None) -> float:
+    """Seconds a rank waits to join the others: $LLM_FT_INIT_TIMEOUT_S, else INIT_TIMEOUT_S."""
+    env = os.environ if env is None else env
+    if TIMEOUT_ENV not in env:
+        return float(INIT_TIMEOUT_S)
+    try:
+        value = float(env[TIMEOUT_ENV])
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 86400:
+        raise UserError(f"environment variable {TIMEOUT_ENV}={env[TIMEOUT_ENV]!r}: expected seconds, above 0 "
+                        "and below 86400")
+    return value
