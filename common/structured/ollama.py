@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from common import io
-from common.structured.schema import load_format, mentions_schema, run_schema
+from common.structured.schema import load_format, mentions_schema, run_schema, top_keys
 
 
 def ollama_usage(model: str, schema_file: Path, schema: dict[str, Any], prompt: str) -> str:
@@ -39,7 +39,7 @@ def export_schema(out_dir: Path, run_dir: Path | None, system: str | None, notes
     dest = Path(out_dir) / "schema.json"
     io.write_json(dest, fmt.schema)
     if not mentions_schema(system, fmt.schema):
-        keys = ", ".join(fmt.schema.get("required") or list(fmt.schema.get("properties") or {}))
+        keys = ", ".join(top_keys(fmt.schema))
         notes.append(f"warning: the system prompt does not mention the schema's fields ({keys}); Ollama advises "
                      "describing the JSON in the prompt as well as passing format")
     return dest
