@@ -17,7 +17,11 @@ from common.structured.schema import load_format, mentions_schema, run_schema, t
 
 
 def ollama_usage(model: str, schema_file: Path, schema: dict[str, Any], prompt: str) -> str:
-    """The ``ollama run --format`` command and the REST body with ``format`` (pure; golden-tested)."""
+    """The ``ollama run --format`` command and the REST body with ``format`` (pure; golden-tested).
+
+    ``ollama run --format`` takes a schema's text as well as ``json``: Ollama's CLI (cmd/cmd.go) quotes
+    only the value ``json`` and sends any other as the raw JSON of the request's ``format``.
+    """
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "format": schema, "stream": False,
             "options": {"temperature": 0}}
     return "\n".join([
