@@ -28,7 +28,7 @@ from typing import Any, Literal
 from common.command import main_for, make_parser
 from common.config import opt, register
 from common.errors import UserError
-from common.structured.schema import json_verdict, load_schema, run_schema_path  # noqa: F401  (serve's API)
+from common.structured.schema import json_verdict, load_schema, run_schema  # noqa: F401  (serve's API)
 
 HARD_CAP = 8192  # new tokens per answer the page ever allows, whatever the model's context
 
@@ -144,10 +144,7 @@ class Models:
             self.default_system = load_system_prompt(cfg.system_prompt_file) or ""
         self.schema_path = Path(cfg.json_schema) if cfg.json_schema else None
         if self.schema_path is None and self.target.run_dir is not None:
-            from common.run_dir import RunDir
-
-            run_dir = Path(self.target.run_dir).resolve()
-            self.schema_path = run_schema_path(RunDir(run_dir).config(), root=run_dir.parent.parent)
+            self.schema_path = run_schema(self.target.run_dir)
         self.schema = load_schema(self.schema_path) if self.schema_path else None
         from common.structured.classify import setup_format
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import UserError
-from common.serve import EMPTY_MESSAGE, ServeConfig, check_host, is_loopback, json_verdict, run, run_schema_path
+from common.serve import EMPTY_MESSAGE, ServeConfig, check_host, is_loopback, json_verdict, run, run_schema
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -96,18 +96,26 @@ def test_json_verdict():
     assert json.loads(pretty) == [1, 2] and "no schema" in verdict
 
 
-def test_run_schema_path(tmp_path, monkeypatch):
+def test_run_schema(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path.parent)
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.jsonl").write_text("")
-    assert run_schema_path({"data": [str(data)]}) is None
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+
+    def schema_of(config: dict):
+        (run / "config.json").write_text(json.dumps(config))
+        return run_schema(run)
+
+    assert schema_of({"data": [str(data)]}) is None
     (data / "schema.json").write_text(json.dumps(SCHEMA))
-    assert run_schema_path({"data": [str(data)]}) == data / "schema.json"
-    assert run_schema_path({"data": [f"{data / 'train.jsonl'}:20"]}) == data / "schema.json"  # PATH:N
-    assert run_schema_path({"json_schema": "elsewhere.json", "data": [str(data)]}) == Path("elsewhere.json")
-    # Relative paths, as training wrote them, from the folder the run was trained in.
-    assert run_schema_path({"data": ["data"]}, root=tmp_path) == tmp_path / "data" / "schema.json"
+    assert schema_of({"data": [str(data)]}) == data / "schema.json"
+    assert schema_of({"data": [f"{data / 'train.jsonl'}:20"]}) == data / "schema.json"  # PATH:N
+    (tmp_path / "elsewhere.json").write_text(json.dumps(SCHEMA))
+    assert schema_of({"json_schema": str(tmp_path / "elsewhere.json"), "data": [str(data)]}) == tmp_path / "elsewhere.json"
+    # Relative paths, as training wrote them, from the folder the run was trained in (RUN/../..).
+    assert schema_of({"data": ["data"]}) == tmp_path / "data" / "schema.json"
 
 
 # ---------------------------------------------------------------------------

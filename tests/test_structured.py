@@ -2,6 +2,7 @@
 their reports (``llm-ft eval --format``), on the tiny model trained a little."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,21 @@ UNSEEN = ["turn the lights off in the kitchen", "remind me to call mom at 5pm", 
 NO_ENUM = {"type": "object", "required": ["intent", "slots"], "additionalProperties": False,
            "properties": {"intent": {"type": "string", "maxLength": 20},
                           "slots": {"type": "object", "additionalProperties": {"type": "string", "maxLength": 20}}}}
+
+
+def tied_schema() -> dict:
+    """test_eval's intents, each with its own slots (one anyOf branch per intent, as data/schema.json): a
+    grammar that dropped the per-intent rules would let a set_timer answer out without its duration."""
+    from test_eval import SCHEMA
+
+    slots = {"set_timer": (["duration"], ["duration"]), "play_music": (["song", "artist", "genre"], []),
+             "get_weather": (["location", "date"], []), "set_reminder": (["task", "time"], ["task"])}
+    return {"type": "object", "anyOf": [
+        {"type": "object", "required": ["intent", "slots"], "additionalProperties": False,
+         "properties": {"intent": {"const": intent}, "slots": {
+             "type": "object", "additionalProperties": False, "required": slots[intent][1],
+             "properties": {k: {"type": "string", "minLength": 1} for k in slots[intent][0]}}}}
+        for intent in SCHEMA["properties"]["intent"]["enum"]]}
 
 
 def fmt_of(schema: dict, tmp_path: Path, name: str = "schema.json"):
@@ -36,10 +52,50 @@ def test_enum_field_fallback_and_threshold_answer(tmp_path):
     e = enum_field(SCHEMA)
     assert e.key == "intent" and e.values[0] == "set_timer" and e.fallback is None  # no unknown in this enum
     data = fmt_of(json.loads(Path("data/schema.json").read_text()), tmp_path)
-    assert data.enum.fallback == "unknown" and len(data.enum.values) == 14
+    assert data.enum.key == "intent" and data.enum.fallback == "unknown" and len(data.enum.values) == 14
+    # One const per anyOf branch is an enum field too, with the values in the schema's order.
+    tied = enum_field(tied_schema())
+    assert tied.key == "intent" and tied.values == e.values and tied.fallback is None
     # The fallback keeps the answer valid: data/schema.json wants no slots for unknown.
     assert with_fallback({"intent": "set_timer", "slots": {"duration": "5 min"}}, data) == {"intent": "unknown",
                                                                                            "slots": {}}
+
+
+def test_per_branch_consts_are_labels_and_keys(tmp_path):
+    from test_eval import SCHEMA
+
+    from common.evaluate.metrics import schema_labels
+    from common.structured.schema import mentions_schema, top_keys
+
+    data = json.loads(Path("data/schema.json").read_text())
+    assert schema_labels(data)[0] == "set_timer" and schema_labels(data)[-1] == "unknown"
+    assert schema_labels(tied_schema()) == schema_labels(SCHEMA) == SCHEMA["properties"]["intent"]["enum"]
+    assert schema_labels(data, "slots") is None
+    assert top_keys(data) == ["intent", "slots"] and top_keys(SCHEMA) == ["intent", "slots"]
+    assert mentions_schema('Answer {"intent": ..., "slots": {...}}', data)
+    assert not mentions_schema("Answer in JSON", data)
+
+
+def test_data_schema_compiles_with_nothing_left_out(tmp_path, tiny_tokenizer_dir):
+    """data/schema.json ties slots to intents in a form the grammar enforces: a slot of another intent is
+    refused while decoding, not only found invalid afterwards."""
+    pytest.importorskip("llguidance")
+    from common.models import load_tokenizer
+    from common.structured.constraint import Constraint
+
+    fmt = fmt_of(json.loads(Path("data/schema.json").read_text()), tmp_path)
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    c = Constraint(fmt, tok, [tok.eos_token_id])
+    assert fmt.notes == []  # no keyword the grammar drops
+
+    def accepted(text: str) -> bool:
+        ids = tok.encode(text, add_special_tokens=False)
+        return c._template.deep_copy().validate_tokens(ids) == len(ids)
+
+    assert accepted('{"intent": "set_timer", "slots": {"duration": "5 min"}}')
+    assert not accepted('{"intent": "set_timer", "slots": {"genre": "jazz"}}')
+    assert not accepted('{"intent": "unknown", "slots": {"duration": "5 min"}}')
+    assert not accepted('{"intent": "set_timer", "slots": {}}')  # its required duration
 
 
 def test_calibration_numbers():
@@ -110,7 +166,7 @@ def run_root(tiny_model_dir, tmp_path_factory, one_torch_thread):
     """A run (tiny llama + LoRA trained 120 steps), its test data and schema, and its merged weights in f16."""
     pytest.importorskip("peft")
     import torch
-    from test_eval import SCHEMA, SYSTEM, TRAINED, train_adapter
+    from test_eval import SYSTEM, TRAINED, train_adapter
     from test_eval import UNSEEN as SEEN_LATER
 
     root = tmp_path_factory.mktemp("structured")
@@ -131,7 +187,7 @@ def run_root(tiny_model_dir, tmp_path_factory, one_torch_thread):
         for user, answer in rows:
             fh.write(json.dumps({"messages": [{"role": "user", "content": user},
                                               {"role": "assistant", "content": json.dumps(answer)}]}) + "\n")
-    (data / "schema.json").write_text(json.dumps(SCHEMA))
+    (data / "schema.json").write_text(json.dumps(tied_schema()))  # slots tied to intents, as data/schema.json
     return root, run, merged
 
 
@@ -182,7 +238,9 @@ def test_constrained_answers_are_schema_valid_and_free_ones_unchanged(engine, ru
     assert both["metrics"] == free["metrics"] and both["samples"] == free["samples"]
     c = both["constrained"]
     assert c["metrics"]["n"] == 9 and c["metrics"]["parse_rate"] == 1.0 and c["metrics"]["schema_valid_rate"] == 1.0
-    values = set(json.loads((root / "data" / "schema.json").read_text())["properties"]["intent"]["enum"])
+    from common.structured.schema import enum_field
+
+    values = set(enum_field(json.loads((root / "data" / "schema.json").read_text())).values)
     assert all(json.loads(a)["intent"] in values for a in c["answers"])
     conf = c["confidence"]
     assert conf["field"] == "intent" and 0 <= conf["ece"] <= 1
@@ -192,8 +250,46 @@ def test_constrained_answers_are_schema_valid_and_free_ones_unchanged(engine, ru
     assert c["metrics"]["intent_accuracy"] >= 3 / 9  # the trained rows
 
 
+@pytest.mark.llama
+def test_llama_grammar_checked_one_token_at_a_time_equals_full_grammar(tiny_model_dir, tmp_path):
+    """The one-candidate grammar check (full vocabulary only on a rejection) answers, greedily, exactly what
+    applying the grammar to the whole vocabulary every token answers (schema validity on a trained model:
+    test_constrained_answers_are_schema_valid_and_free_ones_unchanged)."""
+    pytest.importorskip("llama_cpp")
+    from test_chat import write_tiny_gguf
+
+    from common.generation import load_generator
+    from common.structured.constraint import use_format
+    from common.structured.schema import load_format
+
+    gguf = write_tiny_gguf(tiny_model_dir, tmp_path / "tiny.gguf")  # untrained: its argmax is often rejected
+    fmt = load_format("data/schema.json")
+    gen = load_generator(str(gguf), backend="llama", system_prompt="Answer with JSON.")
+    try:
+        use_format(gen, fmt)
+        stops = set(gen.stop_ids)
+        for msg in [*UNSEEN, "set a timer for ten minutes"]:
+            prompt = gen.chat_prompt([{"role": "user", "content": msg}])
+            ours = gen.generate([{"role": "user", "content": msg}], max_new_tokens=200, temperature=0.0)
+            full = []
+            for tid in gen.llm.generate(prompt, temp=0.0, top_k=0, min_p=0.0, repeat_penalty=1.0, reset=True,
+                                        grammar=gen.constraint):
+                if tid in stops or gen._is_eog(tid) or len(full) == 200:
+                    break
+                full.append(tid)
+            assert ours == gen.tokenizer.decode(full, skip_special_tokens=True), msg
+            sampled = [gen.generate([{"role": "user", "content": msg}], max_new_tokens=60, temperature=0.8,
+                                    top_p=0.95, seed=seed) for seed in (1, 1, 2)]
+            assert sampled[0] == sampled[1]  # seeded
+            # (an untrained model writes noise into the slots' strings; the keys and the intent are the grammar's)
+            start = re.compile(r'\{\s*"intent"\s*:\s*"(' + "|".join(fmt.enum.values) + r')"\s*,\s*"slots"\s*:\s*\{')
+            assert all(start.match(answer) for answer in [ours, *sampled]), [ours, *sampled]
+    finally:
+        gen.close()
+
+
 def probabilities(engine: str, model: str | Path, prompts: list[str], answer: str) -> list[dict[str, float]]:
-    from test_eval import SCHEMA, SYSTEM
+    from test_eval import SYSTEM
 
     from common.generation import load_generator
     from common.structured.confidence import enum_distribution
@@ -201,8 +297,8 @@ def probabilities(engine: str, model: str | Path, prompts: list[str], answer: st
 
     gen = load_generator(str(model), backend=engine, system_prompt=SYSTEM)
     try:
-        return [enum_distribution(gen, gen.chat_prompt([{"role": "user", "content": p}]), answer, enum_field(SCHEMA))
-                for p in prompts]
+        return [enum_distribution(gen, gen.chat_prompt([{"role": "user", "content": p}]), answer,
+                                  enum_field(tied_schema())) for p in prompts]
     finally:
         gen.close()
 
@@ -316,9 +412,9 @@ def test_demo_summary_has_free_and_constrained_rows(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "fine-tuned + format" in out and "GGUF + format" in out and "0.050" in out and "99.0%" in out
     write(tmp_path / "export" / "eval-gguf" / "metrics.json", metrics(), metrics(schema_valid_rate=0.99))
-    # The schema's if/then rules are beyond every grammar: a constrained miss is reported, not a failed bar.
-    assert mod.main(str(tmp_path), "model.gguf", "1") == 0
-    assert "GGUF + format: 99.0% schema-valid" in capsys.readouterr().out
+    # data/schema.json's per-intent slots are anyOf branches every grammar enforces: a constrained miss fails the bar.
+    assert mod.main(str(tmp_path), "model.gguf", "1") == 1
+    assert "GGUF + format: 99.0% schema-valid, not 100%" in capsys.readouterr().out
 
 
 @pytest.mark.torch

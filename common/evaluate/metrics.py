@@ -113,9 +113,11 @@ OTHER = "other"  # the confusion matrix's row and column for every label outside
 
 
 def schema_labels(schema: dict | None, key: str = "intent") -> list[str] | None:
-    """The labels a JSON schema allows for ``key`` (``properties.<key>.enum``), or None."""
-    enum = ((schema or {}).get("properties") or {}).get(key, {}).get("enum") if isinstance(schema, dict) else None
-    return [str(v) for v in enum] if isinstance(enum, list) and enum else None
+    """The labels a JSON schema allows for ``key`` (its enum field's values: ``properties.<key>.enum``, or
+    the ``const`` of each ``anyOf`` branch), or None."""
+    from common.structured.schema import field_values
+
+    return (field_values(schema, key) or None) if isinstance(schema, dict) else None
 
 
 def confusion_matrix(expected: Sequence[str], predicted: Sequence[str],

@@ -116,15 +116,26 @@ class LlamaGenerator(Generator):
         self.llm.set_seed(seed)
         # temp 0 is llama.cpp's greedy sampler; otherwise temperature + top-p only (no top-k/min-p),
         # the same recipe as the torch engine.
-        tokens = self.llm.generate(prompt_ids, temp=temperature, top_p=top_p, top_k=0, min_p=0.0,
-                                   repeat_penalty=1.0, reset=True, grammar=self.constraint)
-        for n, tid in enumerate(tokens, start=1):
-            self.new_tokens += 1
-            if tid in stops or self._is_eog(tid):
-                break
-            decoder.push(tid)
-            if n >= budget:
-                break
+        # Under --format the grammar is checked one sampled token at a time (common.structured.llama_cpp),
+        # as llama.cpp's and Ollama's samplers do, not applied to the whole vocabulary every token.
+        if self.constraint is not None:
+            from common.structured.llama_cpp import constrained_tokens
+
+            tokens = constrained_tokens(self.llm, prompt_ids, self.constraint, temperature=temperature, top_p=top_p,
+                                        seed=seed, is_end=lambda t: t in stops or self._is_eog(t))
+        else:
+            tokens = self.llm.generate(prompt_ids, temp=temperature, top_p=top_p, top_k=0, min_p=0.0,
+                                       repeat_penalty=1.0, reset=True)
+        try:
+            for n, tid in enumerate(tokens, start=1):
+                self.new_tokens += 1
+                if tid in stops or self._is_eog(tid):
+                    break
+                decoder.push(tid)
+                if n >= budget:
+                    break
+        finally:
+            tokens.close()
         return decoder.text()
 
     def score_continuations(self, context: list[int], continuations: Sequence[list[int]],

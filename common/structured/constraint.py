@@ -35,9 +35,9 @@ def _llguidance():
 def compile_grammar(fmt: AnswerFormat) -> str:
     """The llguidance grammar of ``fmt``; UserError naming the file and the construct it cannot compile.
 
-    Keywords llguidance does not implement (``if``/``then`` in data/schema.json) are left out of the
-    grammar, as llama.cpp's conversion (and so Ollama) leaves them out; they go to ``fmt.notes`` and
-    every answer is still checked against the whole schema.
+    Keywords llguidance does not implement (e.g. ``if``/``then``; data/schema.json uses ``anyOf`` branches
+    instead) are left out of the grammar, as llama.cpp's conversion (and so Ollama) leaves them out; they
+    go to ``fmt.notes`` and every answer is still checked against the whole schema.
     """
     llg = _llguidance()
     try:

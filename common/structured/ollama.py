@@ -13,11 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from common import io
-from common.structured.schema import load_format, mentions_schema, run_schema
+from common.structured.schema import load_format, mentions_schema, run_schema, top_keys
 
 
 def ollama_usage(model: str, schema_file: Path, schema: dict[str, Any], prompt: str) -> str:
-    """The ``ollama run --format`` command and the REST body with ``format`` (pure; golden-tested)."""
+    """The ``ollama run --format`` command and the REST body with ``format`` (pure; golden-tested).
+
+    ``ollama run --format`` takes a schema's text as well as ``json``: Ollama's CLI (cmd/cmd.go) quotes
+    only the value ``json`` and sends any other as the raw JSON of the request's ``format``.
+    """
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "format": schema, "stream": False,
             "options": {"temperature": 0}}
     return "\n".join([
@@ -39,7 +43,7 @@ def export_schema(out_dir: Path, run_dir: Path | None, system: str | None, notes
     dest = Path(out_dir) / "schema.json"
     io.write_json(dest, fmt.schema)
     if not mentions_schema(system, fmt.schema):
-        keys = ", ".join(fmt.schema.get("required") or list(fmt.schema.get("properties") or {}))
+        keys = ", ".join(top_keys(fmt.schema))
         notes.append(f"warning: the system prompt does not mention the schema's fields ({keys}); Ollama advises "
                      "describing the JSON in the prompt as well as passing format")
     return dest

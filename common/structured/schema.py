@@ -3,7 +3,8 @@
 ``--format schema`` means "the schema of this data or run" (``schema.json`` beside the data,
 the run's ``json_schema``, or ``export/schema.json`` beside an exported GGUF), the way Ollama's
 ``format`` takes a JSON schema; ``--format FILE.json`` names one. The classifier field is the
-schema's first top-level string property with an ``enum`` (``intent`` in data/schema.json):
+schema's first top-level string property whose values are listed: an ``enum``, or a ``const`` in
+each ``anyOf`` branch (``intent`` in data/schema.json, one branch per intent with its slots):
 its values are what confidence is computed over, and its fallback (the property's
 ``default``, else a value named ``unknown``/``other``/``none``) is what a low confidence turns into.
 """
@@ -44,20 +45,67 @@ class AnswerFormat:
         return json.dumps(self.schema, ensure_ascii=False)
 
 
-def enum_field(schema: dict[str, Any]) -> EnumField | None:
-    """The classifier field: the first top-level property that is an enum of strings (required ones first)."""
-    props = schema.get("properties") if isinstance(schema, dict) else None
-    if not isinstance(props, dict):
+def branches(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    """The object schemas an answer may take: the ``anyOf``/``oneOf`` branches (each merged with the top
+    level's ``properties`` and ``required``), or the schema itself when it has none."""
+    if not isinstance(schema, dict):
+        return []
+    alts = schema.get("anyOf") or schema.get("oneOf")
+    if not isinstance(alts, list) or not all(isinstance(b, dict) for b in alts):
+        return [schema]
+    top_props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    top_req = list(schema.get("required") or [])
+    out = []
+    for b in alts:
+        props = b.get("properties") if isinstance(b.get("properties"), dict) else {}
+        out.append({"properties": {**top_props, **props},
+                    "required": top_req + [k for k in b.get("required") or [] if k not in top_req]})
+    return out
+
+
+def top_keys(schema: dict[str, Any]) -> list[str]:
+    """The top-level keys every answer must have (required in every branch), else every property named."""
+    shapes = branches(schema)
+    if not shapes:
+        return []
+    required = [k for k in shapes[0].get("required") or [] if isinstance(k, str)
+                and all(k in (s.get("required") or []) for s in shapes)]
+    return required or list(dict.fromkeys(k for s in shapes for k in s.get("properties") or {}))
+
+
+def _string_values(spec: Any) -> list[str] | None:
+    """The values a property allows when it lists them: ``enum`` or ``const`` of strings."""
+    if not isinstance(spec, dict):
         return None
-    required = [k for k in schema.get("required") or [] if k in props]
-    for key in required + [k for k in props if k not in required]:
-        spec = props[key]
-        values = spec.get("enum") if isinstance(spec, dict) else None
-        if isinstance(values, list) and len(values) >= 2 and all(isinstance(v, str) for v in values):
-            default = spec.get("default")
-            fallback = default if default in values else next(
-                (v for v in values if v.lower() in FALLBACK_NAMES), None)
-            return EnumField(key, tuple(dict.fromkeys(values)), fallback)
+    values = spec.get("enum") if "enum" in spec else [spec["const"]] if "const" in spec else None
+    return values if isinstance(values, list) and values and all(isinstance(v, str) for v in values) else None
+
+
+def field_values(schema: dict[str, Any], key: str) -> list[str] | None:
+    """The strings top-level ``key`` may hold, in the schema's order, when every branch lists them; else None."""
+    per = [_string_values((s.get("properties") or {}).get(key)) for s in branches(schema)]
+    if not per or any(v is None for v in per):
+        return None
+    return list(dict.fromkeys(v for vs in per for v in vs))
+
+
+def enum_field(schema: dict[str, Any]) -> EnumField | None:
+    """The classifier field: the first top-level property (required ones first) whose allowed values are
+    listed strings, either one ``enum`` (``{"intent": {"enum": [...]}}``) or, in a schema of ``anyOf``/
+    ``oneOf`` branches, a ``const`` or ``enum`` in every branch (``{"intent": {"const": "set_timer"}, "slots":
+    {...}}``: one branch per value, the slots that go with it). Its values, in the schema's order, are
+    what confidence is computed over."""
+    shapes = branches(schema)
+    keys = top_keys(schema) + [k for s in shapes for k in s.get("properties") or {}]
+    for key in dict.fromkeys(keys):
+        values = field_values(schema, key)
+        if values is None or len(values) < 2:
+            continue
+        specs = [(s.get("properties") or {}).get(key) for s in shapes]
+        default = next((spec.get("default") for spec in specs if "default" in spec), None)
+        fallback = default if default in values else next(
+            (v for v in values if v.lower() in FALLBACK_NAMES), None)
+        return EnumField(key, tuple(values), fallback)
     return None
 
 
@@ -148,11 +196,11 @@ def mentions_schema(system_prompt: str | None, schema: dict[str, Any]) -> bool:
     the prompt as well as in ``format``: the model then writes the fields it was asked for)."""
     if not system_prompt:
         return False
-    keys = [k for k in schema.get("required") or [] if isinstance(k, str)] or list(schema.get("properties") or {})
+    keys = top_keys(schema)
     return bool(keys) and all(k in system_prompt for k in keys)
 
 
-# Used by serve's page: the schema file itself, a run's schema from its config, and a verdict on an answer.
+# Used by serve's page: the schema file itself and a verdict on an answer.
 def load_schema(path: str | Path) -> dict:
     """Read a JSON schema file, naming the file and line of a syntax error."""
     p = Path(path)
@@ -170,28 +218,6 @@ def load_schema(path: str | Path) -> dict:
     except SchemaError as exc:
         raise UserError(f"{p}: not a valid JSON schema: {exc.message}") from None
     return schema
-
-
-def run_schema_path(run_config: dict[str, Any], root: Path | None = None) -> Path | None:
-    """The schema a run was trained with: its ``json_schema``, else schema.json beside its data.
-
-    Relative paths are tried from the current directory, then from ``root`` (the folder the
-    run was trained in: RUN/../.. for the default runs/<name>).
-    """
-    bases = [Path.cwd()] + ([root] if root is not None else [])
-    if run_config.get("json_schema"):
-        named = Path(run_config["json_schema"])
-        return next((b / named for b in bases if (b / named).is_file()), named)
-    for entry in run_config.get("data") or []:
-        text = str(entry)
-        for base in bases:
-            p = base / text
-            if not p.exists() and ":" in text:  # PATH:N (N rows sampled)
-                p = base / text.rsplit(":", 1)[0]
-            candidate = (p if p.is_dir() else p.parent) / "schema.json"
-            if p.exists() and candidate.is_file():
-                return candidate
-    return None
 
 
 def json_verdict(answer: str, schema: dict | None) -> tuple[str | None, str | None]:
