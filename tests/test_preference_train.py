@@ -96,3 +96,66 @@ def test_resume_gives_the_same_adapter(tiny_model_dir, pref_dir, tmp_path, metho
     assert run(config(tiny_model_dir, pref_dir, b, method=method, resume=True), console=quiet()) == 0
     assert same_tensors(a / "checkpoints/step-4/adapter/adapter_model.safetensors",
                         b / "checkpoints/step-4/adapter/adapter_model.safetensors")
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_model_dir, pref_dir, tmp_path):
+    """A real DPO process killed (SIGKILL) after a checkpoint resumes to the uninterrupted run's adapter."""
+    import signal
+
+    from test_train_signals import assert_bitwise, spawn, train_losses, wait_until
+
+    from common.train import checkpoint as ckpts
+
+    # dropout draws from the RNG each step and the reference cache is reused on resume: both must survive
+    settings = dict(max_steps=24, batch_size=2, lr=5e-3, warmup_steps=2, lora_dropout=0.1, eval_every=6,
+                    save_every=3, keep=2, sample_prompts=0, seed=5, method="dpo", precompute_ref=True)
+    reference = tmp_path / "reference"
+    assert run(config(tiny_model_dir, pref_dir, reference, **settings), console=quiet()) == 0
+
+    killed = tmp_path / "killed"
+    args = ["--model", str(tiny_model_dir), "--data", str(pref_dir), "--out", str(killed),
+            "--system-prompt-file", str(pref_dir / "system.txt"), "--precompute-ref"]
+    for k, v in settings.items():
+        if k != "precompute_ref":
+            args += [f"--{k.replace('_', '-')}", str(v)]
+    proc = spawn(args)
+    wait_until(lambda: (killed / "checkpoints" / "step-3" / ckpts.MANIFEST).exists(), proc)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL and not (killed / "summary.json").exists()
+    assert run(config(tiny_model_dir, pref_dir, killed, resume=True, **settings), console=quiet()) == 0
+
+    assert_bitwise(reference / "adapter/adapter_model.safetensors", killed / "adapter/adapter_model.safetensors")
+    for name in ("adapter/adapter_model.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        assert_bitwise(reference / f"checkpoints/step-24/{name}", killed / f"checkpoints/step-24/{name}")
+    assert train_losses(killed) == train_losses(reference)
+    metrics = [{k: v for k, v in e.items() if k.startswith(("rewards/", "logps/"))} for e in events(killed, "train")]
+    assert metrics == [{k: v for k, v in e.items() if k.startswith(("rewards/", "logps/"))}
+                       for e in events(reference, "train")]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_two_ranks_log_the_global_dpo_metrics(tiny_model_dir, pref_dir, tmp_path):
+    """2 gloo ranks x grad_accum 2 log what 1 rank x grad_accum 4 logs: rewards/logps are summed over ranks."""
+    from test_distributed import run as launch
+    from test_distributed import train_args, train_rows
+
+    from common.train.methods import METRICS
+
+    extra = ("--method", "dpo", "--precompute-ref", "--system-prompt-file", str(pref_dir / "system.txt"))
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch(train_args(tiny_model_dir, pref_dir, one, 4, *extra))
+    launch([*train_args(tiny_model_dir, pref_dir, two, 2, *extra), "--nproc", "2"])
+    a, b = train_rows(one), train_rows(two)
+    assert len(a) == len(b) == 3 and all(r["world_size"] == 2 for r in b)
+    for x, y in zip(a, b, strict=True):
+        for key in METRICS:
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (x["step"], key)
+    ea, eb = events(one, "eval")[-1], events(two, "eval")[-1]
+    for key in METRICS:
+        assert eb["eval_" + key] == pytest.approx(ea["eval_" + key], rel=1e-5, abs=1e-6), key
+    cache_a, cache_b = (json.loads((d / "reference_logps.json").read_text()) for d in (one, two))
+    assert cache_b["train"]["key"] == cache_a["train"]["key"]
+    flat = [[x for pair in c["train"]["logps"] for x in pair] for c in (cache_a, cache_b)]
+    assert flat[1] == pytest.approx(flat[0], rel=1e-6)

@@ -275,7 +275,7 @@ def _run(cfg: TrainConfig, console, held: contextlib.ExitStack) -> int:
     for note in info.notes:
         console.print(f"  {note}", highlight=False)
 
-    _start_preference(cfg, backend, p, console)
+    _start_preference(cfg, backend, p, console, write=world.is_main)
     metrics_file = p.run_dir / "metrics.jsonl"
     if world.is_main:
         p.run_dir.mkdir(parents=True, exist_ok=True)
@@ -319,7 +319,7 @@ def init_adapter_dir(spec: str) -> Path:
     raise UserError(f"--init-adapter {spec}: no adapter_config.json in {path / 'adapter'} or {path}")
 
 
-def _start_preference(cfg: TrainConfig, backend, p: Prepared, console) -> None:
+def _start_preference(cfg: TrainConfig, backend, p: Prepared, console, write: bool = True) -> None:
     """Start from ``--init-adapter`` and attach precomputed reference log-probs (before any step)."""
     if cfg.init_adapter:
         backend.load_adapter(init_adapter_dir(cfg.init_adapter))
@@ -327,7 +327,7 @@ def _start_preference(cfg: TrainConfig, backend, p: Prepared, console) -> None:
     if cfg.method == "dpo" and (cfg.precompute_ref or cfg.ref == "init-adapter"):
         from common.train import reference
 
-        console.print(reference.attach(backend, p.data, p.run_dir, cfg))
+        console.print(reference.attach(backend, p.data, p.run_dir, cfg, write=write))  # rank 0 writes the cache
 
 
 class _NoLog:

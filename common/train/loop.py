@@ -163,6 +163,8 @@ class Trainer:
         self.console = progress_console
         self.state = LoopState()
         self.method = methods.for_config(cfg, data.pad_id)  # sft, dpo or orpo: batch builder, units, loss
+        # the method's metrics (rewards/..., logps/...) are summed over ranks, as the loss is
+        self.reduce = backend.all_sum if self.world.distributed else None
         self.packing = cfg.packing and self.method.packs_examples
         self.stream = _stream(cfg, data, self.method)
         self.total_steps = _total_steps(cfg, self.stream, self.world.size)
@@ -249,7 +251,7 @@ class Trainer:
         else:
             s.evals_without_improvement += 1
         self.log.log("eval", s.step, eval_loss=loss, best=improved, best_eval_loss=s.best_eval_loss,
-                     **self.method.take_eval_metrics())
+                     **self.method.take_eval_metrics(self.reduce))
         progress.print(f"step {s.step}: eval loss {loss:.4f}" + (" (best)" if improved else
                                                                   f" (best {s.best_eval_loss:.4f} at step {s.best_step})"))
         progress.update(s.step, eval_loss=loss)
@@ -372,7 +374,7 @@ class Trainer:
             while s.step < self.total_steps:
                 t0 = time.perf_counter()
                 loss, stats, indices, lr = self.train_step()
-                extra = self.method.take_metrics()  # rewards/... of dpo and orpo
+                extra = self.method.take_metrics(self.reduce)  # rewards/... of dpo and orpo, over all ranks
                 s.train_time_s += time.perf_counter() - t0
                 tps = s.tokens / s.train_time_s if s.train_time_s > 0 else 0.0
                 if loss is None:

@@ -21,7 +21,7 @@ A pair batch holds both answers of each pair: as adjacent rows (chosen, rejected
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -32,6 +32,7 @@ from common.train.batching import make_batch
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
            "logps/rejected")
 ORPO_METRICS = ("nll_loss", "log_odds_ratio")
+Reduce = Callable[[list[float]], list[float]]  # a sum over ranks (the backend's all_sum)
 
 
 @dataclass
@@ -127,10 +128,10 @@ class SFT:
     def eval_loss(self, backend, batch: Batch) -> tuple[float, int]:
         return backend.eval_loss(batch)
 
-    def take_metrics(self) -> dict[str, float]:
+    def take_metrics(self, reduce: Reduce | None = None) -> dict[str, float]:
         return {}
 
-    def take_eval_metrics(self) -> dict[str, float]:
+    def take_eval_metrics(self, reduce: Reduce | None = None) -> dict[str, float]:
         return {}
 
 
@@ -144,10 +145,16 @@ class _Sums:
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
 
-    def take(self, prefix: str = "") -> dict[str, float]:
-        out = {prefix + k: v / self.pairs for k, v in self.sums.items()} if self.pairs else {}
+    def take(self, prefix: str = "", reduce: Reduce | None = None, keys: Sequence[str] = ()) -> dict[str, float]:
+        """Means over the pairs seen since the last call; with ``reduce`` (data parallelism: the backend's
+        ``all_sum``), over the pairs of every rank, the sums of ``keys`` reduced in that fixed order."""
+        pairs, sums = self.pairs, self.sums
+        if reduce is not None:
+            names = list(keys)
+            values = reduce([float(pairs)] + [float(sums.get(k, 0.0)) for k in names])
+            pairs, sums = values[0], dict(zip(names, values[1:], strict=True))
         self.pairs, self.sums = 0, {}
-        return out
+        return {prefix + k: v / pairs for k, v in sums.items()} if pairs else {}
 
 
 class Preference:
@@ -179,11 +186,15 @@ class Preference:
         self._eval.add(batch.n_pairs, sums)
         return loss, batch.n_pairs
 
-    def take_metrics(self) -> dict[str, float]:
-        return self._train.take()
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return METRICS + (ORPO_METRICS if self.spec.method == "orpo" else ())
 
-    def take_eval_metrics(self) -> dict[str, float]:
-        return self._eval.take("eval_")
+    def take_metrics(self, reduce: Reduce | None = None) -> dict[str, float]:
+        return self._train.take("", reduce, self.metric_names)
+
+    def take_eval_metrics(self, reduce: Reduce | None = None) -> dict[str, float]:
+        return self._eval.take("eval_", reduce, self.metric_names)
 
 
 def for_config(cfg: Any, pad_id: int) -> SFT | Preference:

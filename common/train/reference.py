@@ -37,8 +37,12 @@ def compute(backend, pairs: list, pad_id: int, adapter: bool) -> list[tuple[floa
     return out
 
 
-def attach(backend, data: Any, run_dir: Path, cfg: Any, console=None) -> str:
-    """Give every train and valid pair its reference (from the cache when it matches); a note for the log."""
+def attach(backend, data: Any, run_dir: Path, cfg: Any, console=None, write: bool = True) -> str:
+    """Give every train and valid pair its reference (from the cache when it matches); a note for the log.
+
+    Under data parallelism every rank computes (or reads) all of them in memory, as its share of
+    pairs changes from step to step; rank 0 alone writes the cache (``write``).
+    """
     splits = {"train": data.train, "valid": data.valid}
     keys = {name: pairs_hash(p, cfg.ref, cfg.init_adapter) for name, p in splits.items()}
     cache = Path(run_dir) / CACHE_FILE
@@ -60,7 +64,8 @@ def attach(backend, data: Any, run_dir: Path, cfg: Any, console=None) -> str:
             saved[name] = {"key": keys[name], "logps": refs}
         for p, r in zip(items, refs, strict=True):
             p.ref = (float(r[0]), float(r[1]))
-    write_json(cache, {**saved, "ref": cfg.ref, "init_adapter": cfg.init_adapter})
+    if write:
+        write_json(cache, {**saved, "ref": cfg.ref, "init_adapter": cfg.init_adapter})
     what = "the initial adapter" if adapter else "the base model without adapter"
     return (f"reference log-probs of {len(data.train)} + {len(data.valid)} pairs: {what}"
             + (" (from the cache)" if reused == len(splits) else f", cached in {cache.name}"))
