@@ -266,7 +266,7 @@ def load_schema(path: Path):
 
 def check_answers(rows: list[Row], validator, schema_name: str, report: LintReport) -> None:
     """Every final assistant answer must be JSON that satisfies the schema."""
-    from jsonschema.exceptions import best_match
+    from common.structured.schema import violations
 
     for row in rows:
         if not isinstance(row, Conversation) or row.messages[-1]["role"] != "assistant":
@@ -276,10 +276,10 @@ def check_answers(rows: list[Row], validator, schema_name: str, report: LintRepo
         except json.JSONDecodeError as exc:
             report.error(str(row.source), f"answer is not valid JSON ({exc.msg} at column {exc.colno})")
             continue
-        err = best_match(validator.iter_errors(answer))
-        if err is not None:
-            at = "/".join(map(str, err.absolute_path))
-            report.error(str(row.source), f"answer does not match {schema_name}: {err.message}" +
+        problems = violations(answer, validator.schema, validator)
+        if problems:
+            at, message = problems[0]
+            report.error(str(row.source), f"answer does not match {schema_name}: {message}" +
                          (f" (at {at})" if at else ""))
 
 

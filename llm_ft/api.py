@@ -168,6 +168,8 @@ def classify(target: str | Path, texts: str | list[str], *, config: str | None =
         if not path.is_file():
             raise UserError(f"{path}: JSON schema not found")
         validator = load_schema(path)
+    from common.structured.schema import violations
+
     gen = load_generator(cfg.target, backend=cfg.backend, system_prompt=cfg.system, chat_template=cfg.chat_template,
                          tokenizer=cfg.tokenizer, n_ctx=cfg.n_ctx)
     try:
@@ -181,7 +183,7 @@ def classify(target: str | Path, texts: str | list[str], *, config: str | None =
         ok, value = M.parse_json(answer)[:2]
         problems = [] if ok else ["answer is not valid JSON"]
         if ok and validator is not None:
-            problems += [e.message for e in validator.iter_errors(value)]
+            problems += [message for _, message in violations(value, validator.schema, validator)]
         intent = value.get("intent") if ok and isinstance(value, dict) else None
         results.append(ClassifyResult(text=text, answer=answer, data=value if ok else None,
                                       intent=intent if isinstance(intent, str) else None, problems=problems))

@@ -19,7 +19,7 @@ TRAIN_FIELDS = {
     "allow_global_batch_change", "allow_partial_resume", "attention", "backend", "batch_size", "chat_template", "compile", "data", "device",
     "dtype", "early_stop_patience", "epochs", "eval_batches", "eval_every", "grad_accum", "grad_checkpoint",
     "group_by_length", "json_schema", "keep", "kernels", "load_in_4bit", "load_in_8bit", "log_every", "lora_alpha",
-    "lora_dropout", "lora_r", "lr", "max_grad_norm", "max_seq_length", "max_steps", "model", "nonfinite", "fsdp",
+    "lora_dropout", "lora_r", "lr", "max_grad_norm", "max_memory", "max_seq_length", "max_steps", "memory_mode", "model", "nonfinite", "fsdp",
     "nproc", "num_layers", "optim", "out", "overlong", "packing", "report_to", "resume", "revision", "sample_prompts",
     "save_every", "schedule", "seed", "system_prompt_file", "targets", "train_on_prompt", "trust_remote_code",
     "use_dora", "use_rslora", "valid_fraction", "warmup_steps", "weight_decay",

@@ -142,11 +142,9 @@ def confusion_matrix(expected: Sequence[str], predicted: Sequence[str],
 
 def schema_errors(value: Any, schema: dict) -> list[str]:
     """The messages of every way ``value`` violates ``schema`` (empty when valid)."""
-    from jsonschema.validators import validator_for
+    from common.structured.schema import violations
 
-    validator = validator_for(schema)(schema)
-    return [f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
-            for e in sorted(validator.iter_errors(value), key=lambda e: list(map(str, e.absolute_path)))]
+    return [f"{at or '(root)'}: {message}" for at, message in violations(value, schema)]
 
 
 def json_report(expected_texts: Sequence[str], produced_texts: Sequence[str | None], *,

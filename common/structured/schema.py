@@ -109,6 +109,37 @@ def enum_field(schema: dict[str, Any]) -> EnumField | None:
     return None
 
 
+def violations(value: Any, schema: dict[str, Any], validator=None) -> list[tuple[str, str]]:
+    """Why ``value`` does not satisfy ``schema``, as (path, message) pairs (empty when it does).
+
+    A schema of one ``anyOf``/``oneOf`` branch per class value (data/schema.json) fails as a whole
+    ("not valid under any of the given schemas"); say instead which class value is not allowed, or
+    what the branch of the answer's class value wants. ``validator``: a prepared one for ``schema``.
+    """
+    if validator is None:
+        from jsonschema.validators import validator_for
+
+        validator = validator_for(schema)(schema)
+    errors = sorted(validator.iter_errors(value), key=lambda e: list(map(str, e.absolute_path)))
+    if not errors:
+        return []
+    alts = schema.get("anyOf") or schema.get("oneOf")
+    enum = enum_field(schema) if isinstance(alts, list) and len(alts) > 1 else None
+    if enum is not None and isinstance(value, dict) and any(not e.absolute_path and e.validator in ("anyOf", "oneOf")
+                                                            for e in errors):
+        label = value.get(enum.key)
+        if enum.key not in value:
+            return [("", f"{enum.key!r} is a required property")]
+        if label not in enum.values:
+            return [(enum.key, f"{label!r} is not one of {list(enum.values)}")]
+        rest = {k: v for k, v in schema.items() if k not in ("anyOf", "oneOf")}
+        for alt in alts:
+            if label in (_string_values((alt.get("properties") or {}).get(enum.key)) or []):
+                sub = {**rest, "allOf": [*rest.get("allOf", []), alt]}
+                return violations(value, sub, type(validator)(sub, format_checker=validator.format_checker))
+    return [("/".join(map(str, e.absolute_path)), e.message) for e in errors]
+
+
 def load_format(path: str | Path) -> AnswerFormat:
     """Read and check a schema file; UserError naming the file (and line) when it is not a JSON schema."""
     from common.data import load_schema
