@@ -26,7 +26,7 @@ from mlx_lm.utils import get_total_parameters
 
 from common.errors import UserError
 from common.io import atomic_path, write_json
-from common.options import TrainConfig
+from common.options import TrainConfig, memory_mode
 from common.train.backend import BackendInfo, Batch, StepStats
 from common.train.world import World
 from mlx_ft import lanes, lora, peft_format, preference
@@ -126,7 +126,7 @@ class MLXBackend:
         paths, missing = lora.attach(model, lora.LoraSpec.from_config(cfg))
         if missing:
             notes.append(f"targets not in this architecture (skipped): {', '.join(missing)}")
-        if cfg.grad_checkpoint:
+        if memory_mode(cfg) != "default":  # checkpoint (offload is refused on MLX)
             mlxm.checkpoint_blocks(model)
         if cfg.optim != "adamw":
             notes.append(f"--optim {cfg.optim}: 8-bit optimizers are CUDA/bitsandbytes only; using adamw on MLX "

@@ -199,6 +199,8 @@ def test_grad_checkpoint_gives_the_same_training(tiny_model_dir):
     assert ckpt.generate([1, 40, 41, 42], 6, []) == plain.generate([1, 40, 41, 42], 6, [])
     assert type(ckpt.model.layers[0]).__name__.startswith("Checkpointed")
     assert not type(plain.model.layers[0]).__name__.startswith("Checkpointed")  # other models untouched
+    # --memory-mode checkpoint is the same switch (regression: only --grad-checkpoint reached MLX)
+    assert type(mlx_backend(tiny_model_dir, memory_mode="checkpoint").model.layers[0]).__name__.startswith("Checkpointed")
 
 
 def test_lora_init_scale_and_targets(tiny_model_dir):
