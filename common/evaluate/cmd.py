@@ -11,6 +11,7 @@ several side by side.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -161,26 +162,40 @@ def answer_budget(gen, expected: list[str | None]) -> int:
     return min(1024, 2 * max(lengths) + 16)
 
 
-def generate_all(gen, prompts: list[list[dict]], cfg: EvalConfig, label: str) -> list[str]:
-    """Answers for every prompt, batch by batch, with a progress bar on stderr."""
+@contextlib.contextmanager
+def progress_bar(label: str, total: int):
+    """A progress bar on stderr (on a log, a line now and then with elapsed and ETA); yields ``advance(n)``."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from common.train.progress import LogLines
 
-    answers: list[str] = []
     console = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    lines = None if console.is_terminal else LogLines(f"generating ({label})", len(prompts), console, lines=10)
+    lines = None if console.is_terminal else LogLines(label, total, console, lines=10)
+    done = 0
     with Progress(*columns, console=console, transient=True, disable=lines is not None) as progress:
-        task = progress.add_task(f"generating ({label})", total=len(prompts))
+        task = progress.add_task(label, total=total)
+
+        def advance(n: int = 1) -> None:
+            nonlocal done
+            done += n
+            progress.advance(task, n)
+            if lines is not None:
+                lines.update(done)
+
+        yield advance
+
+
+def generate_all(gen, prompts: list[list[dict]], cfg: EvalConfig, label: str) -> list[str]:
+    """Answers for every prompt, batch by batch, with a progress bar on stderr."""
+    answers: list[str] = []
+    with progress_bar(f"generating ({label})", len(prompts)) as advance:
         for start in range(0, len(prompts), cfg.batch_size):
             batch = prompts[start:start + cfg.batch_size]
             answers += gen.generate_batch(batch, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                           top_p=cfg.top_p, seed=cfg.seed)
-            progress.advance(task, len(batch))
-            if lines is not None:  # a log: a line now and then, with elapsed and ETA
-                lines.update(len(answers))
+            advance(len(batch))
     return answers
 
 
@@ -223,7 +238,8 @@ def evaluate_target(target, cfg: EvalConfig, rows: list[Row], task: str, schema:
 
             structured = constrained_eval(gen, [pairs[i][0] for i in chosen], [pairs[i][1] for i in chosen], fmt,
                                           schema, lambda g, p: generate_all(g, p, cfg, f"{target.name}, --format"),
-                                          out_dir, target.name, cfg.threshold)
+                                          out_dir, target.name, cfg.threshold,
+                                          progress=lambda n: progress_bar(f"confidence ({target.name})", n))
         loss, ppl, loss_tokens, loss_note = eval_loss(gen, rows) if cfg.loss else (None, None, 0, "not computed")
         describe = gen.describe()
     finally:

@@ -7,6 +7,7 @@ generator is then constrained, answers again, and is set free again before it is
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,11 @@ from common.structured.constraint import use_format
 from common.structured.schema import AnswerFormat
 
 
+@contextlib.contextmanager
+def _no_progress(total: int):
+    yield lambda n=1: None
+
+
 def score(expected: list[str], answers: list[str], schema: dict | None, key: str) -> dict[str, Any]:
     scored = M.json_report(expected, answers, schema=schema, label_key=key)
     return {"metrics": scored["metrics"], "per_field": scored["per_field"], "per_class": scored.get("per_class", {}),
@@ -25,9 +31,11 @@ def score(expected: list[str], answers: list[str], schema: dict | None, key: str
 
 
 def constrained_eval(gen, prompts: list[list[dict]], expected: list[str], fmt: AnswerFormat, schema: dict | None,
-                     generate_all, out_dir: Path, title: str, threshold: float | None = None) -> dict[str, Any]:
+                     generate_all, out_dir: Path, title: str, threshold: float | None = None,
+                     progress=None) -> dict[str, Any]:
     """Generate under ``fmt``, score, compute each answer's confidence; writes reliability.png when the schema
-    has an enum field. ``generate_all(gen, prompts)`` is eval's batched generation with its progress bar."""
+    has an enum field. ``generate_all(gen, prompts)`` is eval's batched generation with its progress bar;
+    ``progress(total)``, a context yielding ``advance(n)``: the bar of the confidence pass (one scoring per row)."""
     key = fmt.enum.key if fmt.enum else "intent"
     use_format(gen, fmt)
     try:
@@ -36,7 +44,11 @@ def constrained_eval(gen, prompts: list[list[dict]], expected: list[str], fmt: A
         seconds = time.perf_counter() - t0
         new_tokens = gen.new_tokens - before
         t1 = time.perf_counter()
-        classified = [classify_answer(gen, gen.chat_prompt(p), a, fmt) for p, a in zip(prompts, answers, strict=True)]
+        classified = []
+        with (progress or _no_progress)(len(prompts)) as advance:
+            for p, a in zip(prompts, answers, strict=True):
+                classified.append(classify_answer(gen, gen.chat_prompt(p), a, fmt))
+                advance(1)
         confidence_s = time.perf_counter() - t1
     finally:
         use_format(gen, None)
