@@ -39,11 +39,29 @@ def processors(constraint) -> list | None:
 def score_continuations(model, context: list[int], continuations: Sequence[list[int]],
                         end_ids: Sequence[int] | None = None) -> list[float]:
     """Sum of log-probs (nats) of each continuation's tokens after ``context``, plus, with ``end_ids``, the
-    log of the probability that one of those tokens comes next; one right-padded batch (no mask needed:
-    under a causal mask the pads only follow the tokens that are scored)."""
-    width = len(context) + max(len(c) for c in continuations)
-    ids = mx.array([context + c + [0] * (width - len(context) - len(c)) for c in continuations])
-    logits = model(ids)[:, len(context) - 1:].astype(mx.float32)  # only the positions that predict a continuation
+    log of the probability that one of those tokens comes next.
+
+    The context runs once; its KV cache, repeated per continuation, serves one right-padded batch of the
+    continuations (no mask needed: under the causal mask the pads only follow the tokens that are scored).
+    Models whose cache is not mlx-lm's plain KVCache (sliding windows...) take one batch of context +
+    continuation rows instead.
+    """
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    n = len(continuations)
+    width = max(len(c) for c in continuations)
+    cache = make_prompt_cache(model)
+    if all(type(c) is KVCache for c in cache):
+        head = model(mx.array([context]), cache=cache)[:, -1:]
+        for c in cache:
+            keys, values = c.keys_and_values()
+            c.state = (mx.repeat(keys, n, axis=0), mx.repeat(values, n, axis=0), c.offset)
+        rows = mx.array([c + [0] * (width - len(c)) for c in continuations])
+        logits = mx.concatenate([mx.repeat(head, n, axis=0), model(rows, cache=cache)], axis=1)
+    else:
+        rows = mx.array([context + c + [0] * (width - len(c)) for c in continuations])
+        logits = model(rows)[:, len(context) - 1:]  # only the positions that predict a continuation
+    logits = logits.astype(mx.float32)
     logp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True), dtype=np.float64)
     out = []
     for r, c in enumerate(continuations):

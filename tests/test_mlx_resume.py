@@ -43,19 +43,37 @@ def weights(path: Path) -> dict[str, np.ndarray]:
     return load_file(str(path / "adapter_model.safetensors"))
 
 
-def test_sigkill_after_a_checkpoint_then_resume_is_bitwise(tiny_model_dir, tmp_path):
+def write_pairs(path: Path, rows) -> None:
+    """Preference rows: the expected answer chosen, another intent rejected."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        for i, (prompt, answer) in enumerate(rows):
+            wrong = rows[(i + 1) % len(rows)][1] if rows[(i + 1) % len(rows)][1] != answer else '{"intent": "x"}'
+            fh.write(json.dumps({"prompt": prompt, "chosen": answer, "rejected": wrong}) + "\n")
+
+
+# DPO (issue 20): the same guarantee, with the reference log-probs cached in the run directory
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_sigkill_after_a_checkpoint_then_resume_is_bitwise(tiny_model_dir, tmp_path, method):
     from tiny import write_chat_jsonl
 
     data = tmp_path / "data"
-    write_chat_jsonl(data / "train.jsonl", ROWS)
-    write_chat_jsonl(data / "valid.jsonl", ROWS[:2])
+    if method == "sft":
+        write_chat_jsonl(data / "train.jsonl", ROWS)
+        write_chat_jsonl(data / "valid.jsonl", ROWS[:2])
+    else:
+        write_pairs(data / "train.jsonl", ROWS)
+        write_pairs(data / "valid.jsonl", ROWS[:2])
     (data / "system.txt").write_text("You are an intent classifier.\n")
+    extra = () if method == "sft" else ("--method", "dpo", "--precompute-ref")
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     # the uninterrupted run goes alongside the one to be killed (two cores, half the wall time)
-    done = subprocess.Popen(command(tiny_model_dir, data, straight), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+    done = subprocess.Popen(command(tiny_model_dir, data, straight, *extra), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    proc = subprocess.Popen(command(tiny_model_dir, data, killed), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(command(tiny_model_dir, data, killed, *extra), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     ckpts = killed / "checkpoints"
@@ -73,7 +91,7 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bitwise(tiny_model_dir, tmp_p
 
     assert done.wait(timeout=180) == 0, done.stderr.read()[-3000:]
     try:
-        resumed = subprocess.run(command(tiny_model_dir, data, killed, "--resume"), cwd=ROOT, env=env(),
+        resumed = subprocess.run(command(tiny_model_dir, data, killed, *extra, "--resume"), cwd=ROOT, env=env(),
                                  capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired:
         steps = sorted(p.name for p in ckpts.glob("step-*"))

@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -322,6 +323,49 @@ def test_enum_probabilities_sum_to_one_and_agree_across_engines(run_root, tmp_pa
     for other in ("mlx", "llama"):
         for a, b in zip(got["torch"], got[other], strict=True):
             assert max(abs(a[v] - b[v]) for v in a) < 1e-2, (other, a, b)
+
+
+def full_pass_logp(engine: str, model, context: list[int], c: list[int], ends: list[int]) -> float:
+    """log p(c | context) + log p(one of ends | context + c), from one forward pass over the whole sequence."""
+    ids = context + c
+    if engine == "torch":
+        import torch
+
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+        logp = torch.log_softmax(logits, dim=-1).numpy()
+    else:
+        import mlx.core as mx
+
+        logits = model(mx.array([ids]))[0].astype(mx.float32)
+        logp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True), dtype=np.float64)
+    n = len(context)
+    total = sum(logp[n - 1 + j, t] for j, t in enumerate(c))
+    return float(total + np.log(np.exp(logp[n - 1 + len(c), ends]).sum()))
+
+
+@pytest.mark.parametrize("engine", [pytest.param("torch", marks=pytest.mark.torch),
+                                    pytest.param("mlx", marks=pytest.mark.mlx)])
+def test_scoring_from_the_shared_context_cache_equals_scoring_each_sequence(engine, run_root):
+    """The context runs once and its KV cache serves every continuation: the same log-probs as one
+    full pass over each context + continuation on its own."""
+    pytest.importorskip({"torch": "torch", "mlx": "mlx_lm"}[engine])
+    from test_eval import SYSTEM
+
+    from common.generation import load_generator
+
+    _, run, _ = run_root
+    gen = load_generator(str(run), backend=engine, system_prompt=SYSTEM)
+    try:
+        context = gen.chat_prompt([{"role": "user", "content": "play some jazz"}])
+        vocab = len(gen.tokenizer)
+        continuations = [[5, 9, 30], [17], [40, 41, 42, 43, 44], [vocab - 1, 3]]
+        ends = [7, 11]
+        cached = gen.score_continuations(context, continuations, ends)
+        alone = [full_pass_logp(engine, gen.model, context, c, ends) for c in continuations]
+    finally:
+        gen.close()
+    assert cached == pytest.approx(alone, rel=1e-4, abs=1e-4)
 
 
 @pytest.mark.torch

@@ -41,15 +41,23 @@ def processors(constraint, rows: int):
 def score_continuations(model, device, context: list[int], continuations: Sequence[list[int]], pad_id: int,
                         end_ids: Sequence[int] | None = None) -> list[float]:
     """Sum of log-probs (nats) of each continuation's tokens after ``context``, plus, with ``end_ids``, the
-    log of the probability that one of those tokens comes next; one right-padded batch."""
-    width = len(context) + max(len(c) for c in continuations)
-    rows = [context + c + [pad_id] * (width - len(context) - len(c)) for c in continuations]
-    ids = torch.tensor(rows, device=device)
-    attn = torch.tensor([[1] * (len(context) + len(c)) + [0] * (width - len(context) - len(c)) for c in continuations],
-                        device=device)
+    log of the probability that one of those tokens comes next.
+
+    The context runs once; its KV cache, repeated per continuation, serves one right-padded batch of the
+    continuations (a classifier's values: 14 short continuations after a ~300-token prompt cost one prompt
+    pass, not 14). Pads follow the scored tokens, so under the causal mask they change nothing scored.
+    """
+    n = len(continuations)
+    width = max(len(c) for c in continuations)
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, len(context) - 1:].float()
-    logp = torch.log_softmax(logits, dim=-1)  # row j predicts continuation token j
+        head = model(input_ids=torch.tensor([context], device=device), use_cache=True)
+        cache = head.past_key_values
+        cache.batch_repeat_interleave(n)
+        rows = torch.tensor([c + [pad_id] * (width - len(c)) for c in continuations], device=device)
+        logits = model(input_ids=rows, past_key_values=cache, use_cache=True).logits.float()
+        # position j of the batch predicts continuation token j + 1; the context's last position, token 0
+        logits = torch.cat([head.logits[:, -1:].float().expand(n, 1, -1), logits], dim=1)
+    logp = torch.log_softmax(logits, dim=-1)
     out = []
     for r, c in enumerate(continuations):
         total = logp[r, torch.arange(len(c), device=device), torch.tensor(c, device=device)].sum()
