@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Driver for the device machine (the `device` tool runs it in the repo root): install the
 # carried wheels, then run stages in order, logging under $OUT. Usage: bash bench/device.sh STAGE...
-# The carried folders (.whl, .whl_small, .mlxa, .mlxb) are made here by `bash bench/carry.sh`.
+# The carried folders (.whl, .whl_small, .mlxa, .mlxb, .unsloth) are made here by `bash bench/carry.sh`.
 #   checks  varlen attention and Liger against SDPA on a small model (losses, gradients, isolation)
 #   1b      1B bf16 + 1B QLoRA suites (carry .whl .whl_small; .mlxa too, to leave it for the mlx call)
 #   proof   `llm-ft train` bf16 LoRA and QLoRA runs of the 1B model (carry .benchtok)
 #   mlx     MLX-CUDA vs mlx_lm.lora (+ torch) (carry .mlxb; the call right after one that carried .mlxa)
-#   mem     8B bf16 and QLoRA in memory modes default, checkpoint, offload (carry .whl)
+#   mem     8B bf16 and QLoRA: ours in memory modes default, checkpoint, offload; Unsloth GC off and
+#           offloaded; the seeds' recipe GC on and off (carry .whl .unsloth). memb, memq: one suite each.
+#           MEM_ARGS adds arguments (e.g. "--only ours --only unsloth"), STEPS sets the steps (8)
 #   8b, 8bq 8B bf16, 8B QLoRA suites;  longest: 8B QLoRA longest batch-1 sequence, ours vs B0
 #   profile torch.profiler over 1B uniform-length steps (PROFILE_ARGS, e.g. "--kernels off --flat-multiple 1")
 #   export  merge + GGUF of the 1B-size run vs cp on the device's 16 cores and disk (carry .whl .benchtok)
@@ -18,6 +20,10 @@ install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cac
 for d in .whl .whl_small; do
   if compgen -G "$d/*.whl" >/dev/null; then install "$d"/*.whl || exit 1; fi
 done
+if compgen -G ".unsloth/*.whl" >/dev/null; then  # apart: only the Unsloth sides put it on their path
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-unsloth \
+    .unsloth/*.whl || exit 1
+fi
 if compgen -G ".mlxa/*" >/dev/null; then cp .mlxa/* /root/; fi  # first half of mlx-cuda, for the next call
 if [ -f .mlxb/mlxc.tar.xz.rest ]; then
   [ -f /root/mlxc.tar.xz.00 ] || { echo "mlx-cuda first half missing: the machine went cold between calls"; exit 3; }
@@ -40,7 +46,9 @@ case $stage in
   profile) python3 -m bench.gpu_profile ${PROFILE_ARGS:-} 2>&1 | tee "$log" ;;
   8b) python3 -m bench.gpu_torch --suite 8b-bf16 --steps 12 --warmup 2 --out "$OUT" 2>&1 | tee "$log" ;;
   1bx) python3 -m bench.gpu_torch --suite 1b-diag --out "$OUT" 2>&1 | tee "$log" ;;
-  mem) python3 -m bench.gpu_torch --suite 8b-memory --suite 8b-qlora-memory --steps ${STEPS:-8} --warmup 2 --out "$OUT" 2>&1 | tee "$log" ;;
+  mem) python3 -m bench.gpu_torch --suite 8b-memory --suite 8b-qlora-memory --steps ${STEPS:-8} --warmup 2 ${MEM_ARGS:-} --out "$OUT" 2>&1 | tee "$log" ;;
+  memb) python3 -m bench.gpu_torch --suite 8b-memory --steps ${STEPS:-8} --warmup 2 ${MEM_ARGS:-} --out "$OUT" 2>&1 | tee "$log" ;;
+  memq) python3 -m bench.gpu_torch --suite 8b-qlora-memory --steps ${STEPS:-8} --warmup 2 ${MEM_ARGS:-} --out "$OUT" 2>&1 | tee "$log" ;;
   8bq) python3 -m bench.gpu_torch --suite 8b-qlora --steps 10 --warmup 2 --out "$OUT" 2>&1 | tee "$log" ;;
   export) python3 -m bench.export_bench --tokenizer .benchtok --workdir /tmp/bench-export --out "$OUT" 2>&1 | tee "$log" ;;
   longest) python3 -m bench.gpu_longest --model llama-3.1-8b --lengths 16384,32768,65536,131072 --out "$OUT" 2>&1 | tee "$log" ;;

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -32,15 +33,18 @@ SUITES: dict[str, dict[str, Any]] = {
                 "sides": ["ours", "ours_noliger", "ours_sdpa", "B0", "B1"]},
     "8b-qlora": {"model": "llama-3.1-8b", "qlora": True, "max_len": 4096, "rows": 1, "sides": ["ours", "B0", "B1"]},
     # memory modes (issue 22): default, checkpoint, offload on the same plan
+    # memory modes (issue 22): ours in each mode, Unsloth GC off and offloaded, the seeds' recipe GC on and off
     "8b-memory": {"model": "llama-3.1-8b", "qlora": False, "max_len": 4096, "rows": 1,
-                  "sides": ["ours", "ours_gc", "ours_offload"]},
+                  "sides": ["ours", "ours_gc", "ours_offload", "unsloth", "unsloth_gc", "seeds_gc", "seeds"]},
     "8b-qlora-memory": {"model": "llama-3.1-8b", "qlora": True, "max_len": 4096, "rows": 1,
-                        "sides": ["ours", "ours_gc", "ours_offload"]},
+                        "sides": ["ours", "ours_gc", "ours_offload", "unsloth", "unsloth_gc", "seeds_gc", "seeds"]},
     "1b-diag": {"model": "llama-3.2-1b", "qlora": False, "max_len": 4096, "rows": 1,
                 "sides": ["ours", "ours_expseg", "ours_nocudnn"]},
     "tiny-cpu": {"model": "tiny-llama", "qlora": False, "max_len": 256, "rows": 1,
-                 "sides": ["ours", "ours_gc", "ours_offload", "ours_grouped", "B0", "B1"]},
+                 "sides": ["ours", "ours_gc", "ours_offload", "ours_grouped", "B0", "B1", "seeds_gc", "seeds"]},
 }
+# Unsloth's wheels live apart (bench/device.sh installs .unsloth there): only its sides see them
+UNSLOTH_SITE = os.environ.get("UNSLOTH_SITE", "/tmp/site-unsloth")
 LOSS_RTOL = 2e-2  # bf16 on both sides, different kernels: per-step mean losses agree to well under 2%
 
 
@@ -76,6 +80,16 @@ def side_spec(key: str, suite: dict, *, model_dir: str, plan: list, steps: int, 
         n = max(1, round(sum(len(p) for p in plan) / len(plan)))
         spec.update(kind="ours", label=f"ours torch{q}, length-grouped batches of {n} (no packing)")
         spec["cfg"] = {**base_cfg, "packing": False, "group_by_length": True, "batch_size": n}
+    elif key in ("unsloth", "unsloth_gc"):  # Unsloth GC off, and its offloaded checkpointing
+        spec.update(kind="unsloth", plan=plan, unsloth={"load_in_4bit": suite["qlora"], "offload_gc": key == "unsloth_gc"},
+                    keep_log=True, env={"PYTHONPATH": os.pathsep.join(p for p in (UNSLOTH_SITE, os.environ.get("PYTHONPATH")) if p),
+                         "UNSLOTH_SKIP_TORCHVISION_CHECK": "1"})  # a text model: torchvision is never used
+        spec["label"] = (f"Unsloth{q}, flattened rows, " +
+                         ('use_gradient_checkpointing="unsloth" (offloaded)' if key == "unsloth_gc" else "GC off"))
+    elif key in ("seeds", "seeds_gc"):  # the seeds' recipe: batch 2 x accumulation 4, padded per micro-batch
+        spec.update(kind="hf", plan=plan, hf={"variant": "seeds", "grad_checkpoint": key == "seeds_gc",
+                                              "load_in_4bit": suite["qlora"]})
+        spec["label"] = f"seeds' recipe Trainer+peft{q}, 2 x 4 accumulation, padded, GC {'on' if key == 'seeds_gc' else 'off'}"
     elif key in ("B0", "B1"):
         spec.update(kind="hf", plan=plan, hf={"variant": key, "grad_checkpoint": key == "B0",
                                               "load_in_4bit": suite["qlora"]})
@@ -114,6 +128,47 @@ def run_suite(name: str, *, out: Path, steps: int, warmup: int, n_examples: int,
     examples = alpaca_like(**synthetic)
     cfg = train_config(model=model_dir, packing=True, max_seq_length=suite["max_len"], batch_size=suite["rows"])
     plan = step_plan(examples, cfg, 0, steps)
+    flops = [lora_train_flops(suite["model"], [len(examples[i]) for i in idx],
+                              sum(sum(examples[i].loss_mask[1:]) for i in idx), lora_r) for idx in plan]
+
+    def result_of(sides: dict[str, dict]) -> dict:
+        # MFU: the same FLOPs per step for every side fed this plan (ours_grouped has its own plan)
+        for key, s in sides.items():
+            if "error" in s or key == "ours_grouped" or not ceiling.get("tflops"):
+                continue
+            w = s["warmup_steps"]
+            s["extra"]["mfu"] = sum(flops[w:]) / sum(s["step_times"][w:]) / (ceiling["tflops"] * 1e12)
+            s["extra"]["model_tflops_per_s"] = sum(flops[w:]) / sum(s["step_times"][w:]) / 1e12
+        pairs = [("ours", "B0", 2.0, 1.0, LOSS_RTOL), ("ours", "B1", 1.2, None, LOSS_RTOL),
+                 ("ours", "ours_sdpa", None, None, LOSS_RTOL), ("ours", "ours_noliger", None, None, LOSS_RTOL),
+                 ("ours", "ours_gc", None, None, LOSS_RTOL), ("ours", "ours_offload", None, None, LOSS_RTOL),
+                 ("ours", "ours_grouped", None, None, None),
+                 # issue 22: default vs Unsloth GC off (>= 2.0x bf16 / 1.6x QLoRA at <= 0.9x its peak), offload vs
+                 # Unsloth offloaded (>= 1.5x / 1.4x at no more peak) and vs the seeds' GC on (>= 10x, no more peak)
+                 ("ours", "unsloth", 1.6 if suite["qlora"] else 2.0, 0.9, LOSS_RTOL),
+                 ("ours_offload", "unsloth_gc", 1.4 if suite["qlora"] else 1.5, 1.0, LOSS_RTOL),
+                 ("ours_offload", "seeds_gc", None if suite["qlora"] else 10.0, None if suite["qlora"] else 1.0, None),
+                 ("ours", "seeds", None, None, None),
+                 ("ours_expseg", "ours", None, None, LOSS_RTOL), ("ours_nocudnn", "ours", None, None, LOSS_RTOL)]
+        return bc.build_result(
+            f"gpu_{name}", f"{suite['model']} random weights, {'QLoRA nf4' if suite['qlora'] else 'bf16'} LoRA r={lora_r} "
+            f"on all linear layers, Alpaca-like lengths, packed rows of {suite['max_len']} x {suite['rows']}",
+            sides, pairs, command=" ".join(sys.argv), gpu=not tiny,
+            model={"name": suite["model"], "params": param_counts(suite["model"]), "dir": model_dir,
+                   "build_s": round(build_s, 1)},
+            data={"synthetic": synthetic, "lengths": length_stats(examples),
+                  "plan_examples_per_step": [len(p) for p in plan]},
+            settings={"steps": steps, "warmup_steps": warmup, "lora_r": lora_r, "lora_alpha": 2.0 * lora_r,
+                      "lr": 2e-4, "schedule": "constant", "loss_rtol": LOSS_RTOL},
+            matmul_ceiling=ceiling,
+            notes=["B0 and B1 train exactly the examples of each of our optimizer steps (our packing plan); "
+                   "ours_grouped follows its own plan (length-grouped batches), so it has no per-step loss check",
+                   "MFU = required LoRA-training FLOPs (frozen matmuls 4/param/token, LoRA 6, lm_head on supervised "
+                   "tokens only, causal attention per document) / time / the bf16 matmul ceiling measured in this run",
+                   "unsloth and unsloth_gc train exactly the examples of each of our optimizer steps as one flattened row "
+                   "(B1's protocol, Unsloth's model and kernels); seeds and seeds_gc take the plan's examples in order "
+                   "in steps of 2 x 4 padded micro-batches (8 examples a step), so their losses are not compared"])
+
     sides: dict[str, dict] = {}
     for key in suite["sides"]:
         if only and key not in only:
@@ -130,36 +185,9 @@ def run_suite(name: str, *, out: Path, steps: int, warmup: int, n_examples: int,
         sides[key] = res
         print(f"[{name}] {key}: " + (f"{res['tokens_per_s']:,.0f} tok/s, median step {res['step_time_median_s']:.3f}s, "
                                      f"peak {bc.human_bytes(res.get('peak_memory_bytes'))}, wall {res.get('wall_s')}s"
-                                     if "error" not in res else "FAILED " + res["error"][-800:]), flush=True)
-    # MFU: the same FLOPs per step for every side fed this plan (ours_grouped has its own plan)
-    flops = [lora_train_flops(suite["model"], [len(examples[i]) for i in idx],
-                              sum(sum(examples[i].loss_mask[1:]) for i in idx), lora_r) for idx in plan]
-    for key, s in sides.items():
-        if "error" in s or key == "ours_grouped" or not ceiling.get("tflops"):
-            continue
-        w = s["warmup_steps"]
-        s["extra"]["mfu"] = sum(flops[w:]) / sum(s["step_times"][w:]) / (ceiling["tflops"] * 1e12)
-        s["extra"]["model_tflops_per_s"] = sum(flops[w:]) / sum(s["step_times"][w:]) / 1e12
-    pairs = [("ours", "B0", 2.0, 1.0, LOSS_RTOL), ("ours", "B1", 1.2, None, LOSS_RTOL),
-             ("ours", "ours_sdpa", None, None, LOSS_RTOL), ("ours", "ours_noliger", None, None, LOSS_RTOL),
-             ("ours", "ours_gc", None, None, LOSS_RTOL), ("ours", "ours_offload", None, None, LOSS_RTOL),
-             ("ours", "ours_grouped", None, None, None),
-             ("ours_expseg", "ours", None, None, LOSS_RTOL), ("ours_nocudnn", "ours", None, None, LOSS_RTOL)]
-    result = bc.build_result(
-        f"gpu_{name}", f"{suite['model']} random weights, {'QLoRA nf4' if suite['qlora'] else 'bf16'} LoRA r={lora_r} "
-        f"on all linear layers, Alpaca-like lengths, packed rows of {suite['max_len']} x {suite['rows']}",
-        sides, pairs, command=" ".join(sys.argv), gpu=not tiny,
-        model={"name": suite["model"], "params": param_counts(suite["model"]), "dir": model_dir,
-               "build_s": round(build_s, 1)},
-        data={"synthetic": synthetic, "lengths": length_stats(examples),
-              "plan_examples_per_step": [len(p) for p in plan]},
-        settings={"steps": steps, "warmup_steps": warmup, "lora_r": lora_r, "lora_alpha": 2.0 * lora_r,
-                  "lr": 2e-4, "schedule": "constant", "loss_rtol": LOSS_RTOL},
-        matmul_ceiling=ceiling,
-        notes=["B0 and B1 train exactly the examples of each of our optimizer steps (our packing plan); "
-               "ours_grouped follows its own plan (length-grouped batches), so it has no per-step loss check",
-               "MFU = required LoRA-training FLOPs (frozen matmuls 4/param/token, LoRA 6, lm_head on supervised "
-               "tokens only, causal attention per document) / time / the bf16 matmul ceiling measured in this run"])
+                                     if "error" not in res else "FAILED " + res["error"][-3000:]), flush=True)
+        bc.write_result(result_of(sides), out, regenerate_md=False)  # so far: a call cut short keeps these sides
+    result = result_of(sides)
     path = bc.write_result(result, out, regenerate_md=False)
     print(f"[{name}] wrote {path}", flush=True)
     return result
@@ -187,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3, help="first steps left out of the rates")
     ap.add_argument("--examples", type=int, default=3000, help="synthetic examples to draw")
     ap.add_argument("--lora-r", type=int, default=16)
-    ap.add_argument("--only", action="append", help="run only these sides (ours, ours_gc, ours_grouped, B0, B1)")
+    ap.add_argument("--only", action="append", help="run only these sides (ours, ours_gc, ours_offload, ours_grouped, "
+                    "B0, B1, unsloth, unsloth_gc, seeds, seeds_gc)")
     ap.add_argument("--task", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.task:

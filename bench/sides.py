@@ -36,6 +36,8 @@ def _examples(spec: dict) -> list:
 
 def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Run the side ``spec`` describes in this process; returns its summary."""
+    if spec["kind"] == "unsloth":
+        import unsloth  # noqa: F401  (before torch's friends: it patches transformers, peft and the Trainer)
     import torch
 
     if spec.get("threads"):
@@ -59,6 +61,16 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
                         backend_name=cfg.backend if cfg.backend != "auto" else "torch", plan=spec.get("plan"),
                         cuda=cuda)
         ours.release(side)
+    elif spec["kind"] == "unsloth":
+        from bench.baselines import unsloth_side
+
+        c, u = spec["cfg"], spec["unsloth"]
+        lora = {"r": c.get("lora_r", 16), "alpha": c.get("lora_alpha", 32.0), "dropout": c.get("lora_dropout", 0.0),
+                "targets": spec["targets"]}
+        side = unsloth_side.run(spec["model_dir"], examples, spec["plan"], lora=lora, lr=c.get("lr", 2e-4),
+                                max_grad_norm=c.get("max_grad_norm", 1.0), seed=c.get("seed", 3407),
+                                load_in_4bit=u["load_in_4bit"], offload_gc=u["offload_gc"],
+                                max_seq_length=c["max_seq_length"], pad_id=spec["pad_id"], label=spec["label"])
     else:
         from bench.baselines import hf_trainer
 
@@ -97,6 +109,8 @@ def run_in_subprocess(spec: dict[str, Any], *, timeout: float = 3600, env: dict 
             return {"label": spec["label"], "error": f"exit {proc.returncode}: {tail}", "wall_s": wall}
         out = json.loads(out_path.read_text())
         out["wall_s"] = round(wall, 1)
+        if spec.get("keep_log"):  # e.g. Unsloth's banner: its versions and the attention it picked
+            out["log_tail"] = (proc.stdout[-3000:] + "\n--- stderr\n" + proc.stderr[-5000:])
         return out
 
 
