@@ -85,7 +85,9 @@ class TorchBackend:
         elif memory_mode(cfg) == "offload":
             recompute = ("memory mode offload: every layer recomputed in backward, its input kept in pinned CPU "
                          "memory" + (" (on the CPU: kept in place)" if self.prec.kind == "cpu" else ""))
-        compile_note = None if cfg.fsdp else kernels.compile_layers(self.model, self.prec, cfg.compile)
+        compile_note = kernels.compile_layers(self.model, self.prec, cfg.compile) if not cfg.fsdp else (
+            "torch.compile: off under --fsdp (not supported with sharded layers yet)"
+            if cfg.compile == "auto" and self.prec.kind == "cuda" else None)
         self.causal_lm = self.model.get_base_model()
         self._loss = (fsdp.as_root_forward(self.causal_lm, supervised_loss) if cfg.fsdp else
                       lambda inputs, mask: supervised_loss(self.causal_lm, inputs, mask))
