@@ -19,6 +19,7 @@ from common.prompts import TEMPLATE_NAMES
 
 SMALL_MODEL_PARAMS = 1_000_000_000  # below this, the default learning rate is SMALL_MODEL_LR
 SMALL_MODEL_LR = 5e-4
+DPO_LR = 2e-5  # --method dpo: moves probability between two near answers; data/README.md measured 1e-4 hurting
 DEFAULT_LR = 2e-4
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -73,7 +74,8 @@ class LoRAOptions:
 class OptimizerOptions:
     GROUP = "optimiser"
     lr: float | None = opt(None, "peak learning rate (default: 2e-4; 5e-4 for models under 1B "
-                              "parameters, which need larger steps to learn a task in a few epochs)", gt=0)
+                              "parameters, which need larger steps to learn a task in a few epochs; 2e-5 for "
+                              "--method dpo, whose pairs need small steps)", gt=0)
     optim: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = opt("adamw", "optimizer (8-bit ones need bitsandbytes)")
     weight_decay: float = opt(0.0, "AdamW weight decay", min=0)
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)", min=0)

@@ -159,3 +159,16 @@ def test_two_ranks_log_the_global_dpo_metrics(tiny_model_dir, pref_dir, tmp_path
     assert cache_b["train"]["key"] == cache_a["train"]["key"]
     flat = [[x for pair in c["train"]["logps"] for x in pair] for c in (cache_a, cache_b)]
     assert flat[1] == pytest.approx(flat[0], rel=1e-6)
+
+
+def test_dpo_defaults_to_a_small_learning_rate(tiny_model_dir, pref_dir, tmp_path):
+    # 5e-4 (the small-model SFT default) and 1e-4 made DPO on data/ worse; 2e-5 improved it (data/README.md)
+    from common.options import DPO_LR, SMALL_MODEL_LR
+    from common.train.cmd import with_default_lr
+
+    dpo = with_default_lr(config(tiny_model_dir, pref_dir, tmp_path / "a", lr=None), tiny_model_dir, quiet())
+    sft = with_default_lr(config(tiny_model_dir, pref_dir, tmp_path / "b", lr=None, method="sft"), tiny_model_dir,
+                          quiet())
+    assert dpo.peak_lr == DPO_LR == 2e-5 and sft.peak_lr == SMALL_MODEL_LR
+    given = with_default_lr(config(tiny_model_dir, pref_dir, tmp_path / "c", lr=1e-3), tiny_model_dir, quiet())
+    assert given.peak_lr == 1e-3

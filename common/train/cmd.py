@@ -197,8 +197,11 @@ def with_default_lr(cfg: TrainConfig, model_dir: Path, console) -> TrainConfig:
     if cfg.lr is not None:
         return cfg
     from common.models.catalog import parameter_count
-    from common.options import DEFAULT_LR, SMALL_MODEL_LR, SMALL_MODEL_PARAMS
+    from common.options import DEFAULT_LR, DPO_LR, SMALL_MODEL_LR, SMALL_MODEL_PARAMS
 
+    if cfg.method == "dpo":
+        console.print(f"lr {DPO_LR:g} (default for --method dpo; set --lr to choose)")
+        return dataclasses.replace(cfg, lr=DPO_LR)
     n_params, _ = parameter_count(model_dir)
     small = 0 < n_params < SMALL_MODEL_PARAMS
     lr = SMALL_MODEL_LR if small else DEFAULT_LR
