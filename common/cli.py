@@ -56,6 +56,11 @@ def run_command(main_fn: Callable[[], int | None], debug: bool) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a file the system refused (a path, not a bug of ours): one line, no traceback
+        if exc.filename is None or debug:
+            raise
+        print(f"error: {exc.filename}: {exc.strerror or exc} (--debug shows where)", file=sys.stderr)
+        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

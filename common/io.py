@@ -26,7 +26,8 @@ WRITE_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
                 errno.EFBIG: "file too large: over the file-size limit (ulimit -f) or the filesystem's",
                 errno.EROFS: "read-only filesystem", errno.EACCES: "permission denied",
                 errno.EPERM: "operation not permitted", errno.ENOTDIR: "a parent path is a file, not a folder",
-                errno.EEXIST: "a file is in the way of a folder", errno.EIO: "input/output error"}
+                errno.EEXIST: "a file is in the way of a folder", errno.EIO: "input/output error",
+                errno.ENOENT: "its folder cannot be created there"}
 # safetensors (Rust) and some other libraries report the OS error only in their message.
 _OS_CODE = re.compile(r"(?:os error |code: )(\d+)")
 
@@ -54,6 +55,21 @@ def write_error(path: str | os.PathLike, exc: BaseException, kept: str = "") -> 
     err = WriteError(f"{path}: cannot write ({WRITE_ERRNOS[code]})" + (f"; {kept}" if kept else ""))
     err.errno = code
     return err
+
+
+def check_writable(path: str | os.PathLike, flag: str) -> None:
+    """Refuse, before any long work, an output path that cannot be written: its nearest existing
+    ancestor is a file, or a folder this process may not write into. Creates nothing."""
+    target = Path(path).absolute()
+    if target.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file path")
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{flag} {path}: cannot write ({WRITE_ERRNOS[errno.ENOTDIR]}: {ancestor})")
+    if not os.access(ancestor, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UserError(f"{flag} {path}: cannot write ({WRITE_ERRNOS[errno.EACCES]})")
 
 
 def _kept(final: Path) -> str:

@@ -160,3 +160,31 @@ def test_pyproject_has_ranges_and_constraints_pin_them():
     assert not any(s.startswith("accelerate") for s in specs)
     assert not any(s.startswith("matplotlib") for s in project["dependencies"])
     assert {"plots", "wandb", "tensorboard", "datasets"} <= set(project["optional-dependencies"])
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_work(tmp_path, capsys):
+    # guards a traceback after the whole evaluation for `eval RUN --pairs <a path under a file>`
+    from common.errors import UserError
+    from common.io import check_writable
+
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    with pytest.raises(UserError, match="a parent path is a file"):
+        check_writable(tmp_path / "a.jsonl" / "pairs.jsonl", "--pairs")
+    with pytest.raises(UserError, match="is a folder"):
+        check_writable(tmp_path, "--pairs")
+    check_writable(tmp_path / "new" / "deeper" / "pairs.jsonl", "--pairs")  # folders to be made: fine
+    assert not (tmp_path / "new").exists()  # and nothing was created by the check
+
+
+def test_a_file_the_system_refuses_is_one_line_not_a_traceback(tmp_path, capsys):
+    from common.cli import run_command
+
+    def body():
+        (tmp_path / "missing" / "x.txt").read_text()
+
+    assert run_command(body, debug=False) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'missing' / 'x.txt'}: No such file or directory")
+    assert "Traceback" not in err
+    with pytest.raises(FileNotFoundError):  # --debug: the traceback, as asked
+        run_command(body, debug=True)

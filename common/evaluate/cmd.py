@@ -326,6 +326,8 @@ def run(cfg: EvalConfig) -> int:
         if cfg.pairs:
             raise UserError("--pairs needs answers scored right or wrong (a JSON task: --task json or a --json-schema)")
     default_prompt = system_prompt_for(cfg, targets[0])
+    if cfg.pairs:  # before the generation, not after it
+        io.check_writable(cfg.pairs, "--pairs")
 
     out_dirs: list[Path] = []
     for i, t in enumerate(targets):
