@@ -10,6 +10,7 @@
 #           offloaded; the seeds' recipe GC on and off (carry .whl .unsloth). memb, memq: one suite each.
 #           MEM_ARGS adds arguments (e.g. "--only ours --only unsloth"), STEPS sets the steps (8)
 #   8b, 8bq 8B bf16, 8B QLoRA suites;  longest: 8B QLoRA longest batch-1 sequence, ours vs B0
+#   losschunk  the chunked loss's time and peak for several chunk sizes (8B head, 2048 positions)
 #   profile torch.profiler over 1B uniform-length steps (PROFILE_ARGS, e.g. "--kernels off --flat-multiple 1")
 #   export  merge + GGUF of the 1B-size run vs cp on the device's 16 cores and disk (carry .whl .benchtok)
 set -o pipefail
@@ -43,6 +44,7 @@ case $stage in
   mlx)
     python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())" 2>&1 | tee "$log"
     python3 -m bench.gpu_mlx --out "$OUT" ${MLX_ARGS:-} 2>&1 | tee -a "$log" ;;
+  losschunk) python3 -m bench.gpu_loss_chunk 2>&1 | tee "$log" ;;
   profile) python3 -m bench.gpu_profile ${PROFILE_ARGS:-} 2>&1 | tee "$log" ;;
   8b) python3 -m bench.gpu_torch --suite 8b-bf16 --steps 12 --warmup 2 --out "$OUT" 2>&1 | tee "$log" ;;
   1bx) python3 -m bench.gpu_torch --suite 1b-diag --out "$OUT" 2>&1 | tee "$log" ;;

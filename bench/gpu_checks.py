@@ -4,8 +4,9 @@
 
 A small random Llama (GQA, 4 layers) in bf16 on CUDA, LoRA on every linear layer. The same
 packed batches (several examples per row, plus padding) go through our torch backend with
-SDPA and a dense block-diagonal mask and peft's own LoRA forward (the reference, no Liger),
-and with our lean LoRA forward (torch_ft.lora_forward) plus varlen attention, and
+SDPA and a dense block-diagonal mask and peft's own LoRA forward and MLP (the reference, no
+Liger), and with our lean LoRA forward (torch_ft.lora_forward) and MLP (torch_ft.lean_mlp, which
+for QLoRA dequantises the 4-bit down_proj in backward) plus varlen attention, and
 with varlen attention + Liger kernels: per-step losses over 4 optimizer steps and the first
 step's LoRA gradients must agree within bf16 noise. Also checks that a packed row gives each
 example the same loss it gets alone in a row (no attention across examples). Exit 1 on a miss.
@@ -65,9 +66,11 @@ def _run(model_dir: Path, batches, peft_forward: bool = False, **over):
     cfg = replace(cfg, **over)
     be = TorchBackend()
     info = be.setup(model_dir, cfg, pad_id=0)
-    if peft_forward:  # the reference: peft's own LoRA forward, not torch_ft.lora_forward's
+    if peft_forward:  # the reference: peft's own LoRA forward and MLP, not torch_ft.lora_forward's or lean_mlp's
+        from torch_ft.lean_mlp import GATED_MLPS
+
         for m in be.model.modules():
-            if "forward" in vars(m) and hasattr(m, "lora_A"):
+            if "forward" in vars(m) and (hasattr(m, "lora_A") or type(m).__name__ in GATED_MLPS):
                 del m.forward
     losses, grads = [], None
     for i, b in enumerate(batches):

@@ -35,13 +35,14 @@ SUITES: dict[str, dict[str, Any]] = {
     # memory modes (issue 22): default, checkpoint, offload on the same plan
     # memory modes (issue 22): ours in each mode, Unsloth GC off and offloaded, the seeds' recipe GC on and off
     "8b-memory": {"model": "llama-3.1-8b", "qlora": False, "max_len": 4096, "rows": 1,
-                  "sides": ["ours", "ours_gc", "ours_offload", "unsloth", "unsloth_gc", "seeds_gc", "seeds"]},
+                  "sides": ["ours", "ours_stored", "ours_gc", "ours_offload", "unsloth", "unsloth_gc", "seeds_gc", "seeds"]},
     "8b-qlora-memory": {"model": "llama-3.1-8b", "qlora": True, "max_len": 4096, "rows": 1,
-                        "sides": ["ours", "ours_gc", "ours_offload", "unsloth", "unsloth_gc", "seeds_gc", "seeds"]},
+                        "sides": ["ours", "ours_stored", "ours_gc", "ours_offload", "unsloth", "unsloth_gc", "seeds_gc",
+                                  "seeds"]},
     "1b-diag": {"model": "llama-3.2-1b", "qlora": False, "max_len": 4096, "rows": 1,
                 "sides": ["ours", "ours_expseg", "ours_nocudnn"]},
     "tiny-cpu": {"model": "tiny-llama", "qlora": False, "max_len": 256, "rows": 1,
-                 "sides": ["ours", "ours_gc", "ours_offload", "ours_grouped", "B0", "B1", "seeds_gc", "seeds"]},
+                 "sides": ["ours", "ours_stored", "ours_gc", "ours_offload", "ours_grouped", "B0", "B1", "seeds_gc", "seeds"]},
 }
 # Unsloth's wheels live apart (bench/device.sh installs .unsloth there): only its sides see them
 UNSLOTH_SITE = os.environ.get("UNSLOTH_SITE", "/tmp/site-unsloth")
@@ -65,6 +66,9 @@ def side_spec(key: str, suite: dict, *, model_dir: str, plan: list, steps: int, 
     elif key == "ours_noliger":  # what varlen attention alone buys
         spec.update(kind="ours", plan=plan, label=f"ours torch{q}, packed, varlen, no Liger")
         spec["cfg"] = {**base_cfg, "kernels": "off"}
+    elif key == "ours_stored":  # ablation: the MLP product and the norm outputs stored, as before they were recomputed
+        spec.update(kind="ours", plan=plan, store_all=True,
+                    label=f"ours torch{q}, packed, MLP product and norm outputs stored (no lean_mlp/norm_recompute)")
     elif key == "ours_gc":
         spec.update(kind="ours", plan=plan, label=f"ours torch{q}, packed + grad checkpoint")
         spec["cfg"] = {**base_cfg, "grad_checkpoint": True}
@@ -110,7 +114,7 @@ def _task(*args: str, timeout: float = 900) -> dict:
 
 
 def run_suite(name: str, *, out: Path, steps: int, warmup: int, n_examples: int, lora_r: int, ceiling: dict,
-              only: list[str] | None = None) -> dict:
+              only: list[str] | None = None, repeats: int = 1) -> dict:
     from bench.data import alpaca_like, length_stats
     from bench.models import CONFIGS, param_counts
     from bench.ours import step_plan, train_config
@@ -142,6 +146,7 @@ def run_suite(name: str, *, out: Path, steps: int, warmup: int, n_examples: int,
         pairs = [("ours", "B0", 2.0, 1.0, LOSS_RTOL), ("ours", "B1", 1.2, None, LOSS_RTOL),
                  ("ours", "ours_sdpa", None, None, LOSS_RTOL), ("ours", "ours_noliger", None, None, LOSS_RTOL),
                  ("ours", "ours_gc", None, None, LOSS_RTOL), ("ours", "ours_offload", None, None, LOSS_RTOL),
+                 ("ours", "ours_stored", None, None, LOSS_RTOL),
                  ("ours", "ours_grouped", None, None, None),
                  # issue 22: default vs Unsloth GC off (>= 2.0x bf16 / 1.6x QLoRA at <= 0.9x its peak), offload vs
                  # Unsloth offloaded (>= 1.5x / 1.4x at no more peak) and vs the seeds' GC on (>= 10x, no more peak)
@@ -170,7 +175,9 @@ def run_suite(name: str, *, out: Path, steps: int, warmup: int, n_examples: int,
                    "in steps of 2 x 4 padded micro-batches (8 examples a step), so their losses are not compared"])
 
     sides: dict[str, dict] = {}
-    for key in suite["sides"]:
+    # --repeats: the chosen sides again, round-robin, on the same machine (run-to-run spread); "KEY#2", ...
+    keys = [(key, key if r == 0 else f"{key}#{r + 1}") for r in range(repeats) for key in suite["sides"]]
+    for key, name_of_run in keys:
         if only and key not in only:
             continue
         spec = side_spec(key, suite, model_dir=model_dir, plan=plan, steps=steps, warmup=warmup, device=device,
@@ -182,8 +189,8 @@ def run_suite(name: str, *, out: Path, steps: int, warmup: int, n_examples: int,
             spec["label"] = spec["label"].replace("Liger", "no Liger")
             res = run_in_subprocess(spec, timeout=1200)
             res.setdefault("extra", {})["liger_failed"] = True
-        sides[key] = res
-        print(f"[{name}] {key}: " + (f"{res['tokens_per_s']:,.0f} tok/s, median step {res['step_time_median_s']:.3f}s, "
+        sides[name_of_run] = res
+        print(f"[{name}] {name_of_run}: " + (f"{res['tokens_per_s']:,.0f} tok/s, median step {res['step_time_median_s']:.3f}s, "
                                      f"peak {bc.human_bytes(res.get('peak_memory_bytes'))}, wall {res.get('wall_s')}s"
                                      if "error" not in res else "FAILED " + res["error"][-3000:]), flush=True)
         bc.write_result(result_of(sides), out, regenerate_md=False)  # so far: a call cut short keeps these sides
@@ -217,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--only", action="append", help="run only these sides (ours, ours_gc, ours_offload, ours_grouped, "
                     "B0, B1, unsloth, unsloth_gc, seeds, seeds_gc)")
+    ap.add_argument("--repeats", type=int, default=1, help="run the chosen sides this many times, round-robin")
     ap.add_argument("--task", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.task:
@@ -228,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bf16 matmul ceiling: {ceiling['tflops']:.0f} TFLOP/s", flush=True)
     for name in suites:
         run_suite(name, out=args.out, steps=args.steps, warmup=args.warmup, n_examples=args.examples,
-                  lora_r=args.lora_r, ceiling=ceiling, only=args.only)
+                  lora_r=args.lora_r, ceiling=ceiling, only=args.only, repeats=args.repeats)
     return 0
 
 

@@ -48,6 +48,11 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         from torch_ft import plan
 
         plan.CPU_TOKENS_PER_PASS = int(spec["cpu_tokens_per_pass"])
+    if spec.get("store_all"):  # ablation: autograd stores what these recompute
+        from torch_ft import lean_mlp, norm_recompute
+
+        lean_mlp.install = lambda *a, **k: 0
+        norm_recompute.install = lambda *a, **k: None
     examples = _examples(spec)
     cuda = spec["device"].startswith("cuda")
     start = load_average()

@@ -17,7 +17,7 @@ from common.options import TrainConfig, memory_mode
 from common.peft import CONFIG, WEIGHTS
 from common.train.backend import BackendInfo, Batch, StepStats
 from common.train.world import World
-from torch_ft import attention, fsdp, kernels, lora_forward, preference
+from torch_ft import attention, fsdp, kernels, lean_mlp, lora_forward, norm_recompute, preference
 from torch_ft import device as devices
 from torch_ft import dist as dists
 from torch_ft import plan as plans
@@ -70,6 +70,14 @@ class TorchBackend:
         kernel_note = kernels.apply(base, self.prec, cfg.kernels)
         self.model, targets = attach_lora(base, cfg, cfg.seed)
         lora_forward.install(self.model, autocast=self.prec.autocast)
+        lean_note = None
+        # Values recomputed in backward rather than stored (elementwise work; not under FSDP, which gathers
+        # and frees the weights they read, nor torch.compile, which fuses the layers its own way)
+        if not cfg.fsdp and (cfg.compile == "off" or self.prec.kind != "cuda"):
+            lean = lean_mlp.install(self.model, liger=bool(kernel_note and kernel_note.startswith("Liger")))
+            norms = memory_mode(cfg) == "default" and norm_recompute.install(self.model.get_base_model())
+            done = ["the MLP's activation product"] * bool(lean) + ["the normalised layer inputs"] * bool(norms)
+            lean_note = f"recomputed in backward, not stored: {' and '.join(done)}" if done else None
         shard_note = None
         if cfg.fsdp:
             fsdp.check(cfg, self.world)
@@ -101,7 +109,7 @@ class TorchBackend:
         trainable = sum(p.numel() for p in self.params)
         total = sum(p.numel() for p in self.model.parameters())
         notes = [f"torch {torch.__version__}: {self.prec.description}, attention {self.attn_impl}"] + notes
-        notes += [n for n in (shard_note, kernel_note, compile_note, recompute) if n]
+        notes += [n for n in (shard_note, kernel_note, lean_note, compile_note, recompute) if n]
         if self.prec.kind == "cpu" and (busy := devices.busy_cpu_note(torch.get_num_threads())):
             notes.append(busy)
         if cfg.load_in_4bit:

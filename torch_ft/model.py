@@ -93,17 +93,13 @@ def load_base(model_dir: Path, cfg: TrainConfig, prec: Precision):
     for p in model.parameters():
         p.requires_grad_(False)
     mode = memory_mode(cfg)
-    if quant is not None and cfg.fsdp:
-        # not peft's prepare_model_for_kbit_training: its fp32 norms would mix dtypes in an FSDP unit
-        if mode == "checkpoint":
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if quant is not None:
+        # Not peft's prepare_model_for_kbit_training: it casts every weight that is not quantised
+        # (embedding, lm_head, norms) to fp32, 2 GiB more on an 8B model, and its fp32 norms promote
+        # the hidden states (6 GiB more activations than bf16 on a 4096-token row: bench/RESULTS.md).
+        # They stay in the compute dtype, as in a bf16 LoRA (and one dtype per FSDP unit).
         model.enable_input_require_grads()
-    elif quant is not None:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=mode == "checkpoint",
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif mode == "checkpoint":
+    if mode == "checkpoint":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if mode == "offload":
         from torch_ft import offload
