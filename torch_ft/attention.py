@@ -105,7 +105,7 @@ def varlen_forward(module, query, key, value, attention_mask, dropout: float = 0
     longest = kwargs.pop(MAX_SEQLEN, None)
     impl = _varlen()
     if query.dtype == torch.float32 and query.is_cuda and torch.is_autocast_enabled("cuda"):
-        # QLoRA keeps norms and embeddings fp32, so RoPE promotes q and k to fp32 under autocast.
+        # fp32 norms or embeddings (a model that keeps them so) make RoPE promote q and k to fp32 under autocast.
         half = torch.get_autocast_dtype("cuda")
         query, key, value = query.to(half), key.to(half), value.to(half)
     if (cu is None or impl is None or kwargs.get("sliding_window") or kwargs.get("softcap")

@@ -39,7 +39,7 @@ def _fused_rms_norm(self, hidden_states):
     """LlamaRMSNorm's forward as torch's fused op (fp32 inside, one rounding to the input dtype)."""
     import torch.nn.functional as F
 
-    if hidden_states.dtype != self.weight.dtype:  # e.g. QLoRA's fp32 norms on bf16 activations: promote as before
+    if hidden_states.dtype != self.weight.dtype:  # e.g. fp32 norms on bf16 activations: promote as before
         return type(self).forward(self, hidden_states)
     out = F.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
     return out.to(hidden_states.dtype)  # autocast may run it in fp32
