@@ -64,6 +64,9 @@ class DevicePlan:
     device_memory: tuple[int, str] | None = None  # (free bytes, description) of a discrete GPU; None = system RAM
     unified_memory: bool = False  # the GPU shares the system's memory (Apple Silicon)
     tokens_per_pass: int | None = None  # a batch runs in groups of rows of at most this many positions; None = whole
+    loss_chunk_values: int | None = None  # fp32 logits the loss builds at a time (chunks of positions); None = whole batch
+    lean_layers: bool = False  # the MLP's activation product (and, without checkpointing, the normalised layer
+    # inputs) are recomputed in backward, not stored; where the run allows it (common.models.memory.lean_allowed)
 
     def rows_per_pass(self, rows: int, width: int) -> int:
         """How many rows of ``width`` positions run per forward/backward (CPU row grouping)."""

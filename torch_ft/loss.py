@@ -14,12 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from common.train.backend import Batch
 from torch_ft import attention
-
-# fp32 logits per chunk: 32M values = 128 MB (261 positions of a 128k vocabulary). A chunk's logits,
-# log-softmax and their gradients are alive together at the step's peak, on top of every stored
-# activation. Llama-3.1-8B's head, 2048 positions, H100 (bench/gpu_loss_chunk.py): 2**26 adds 800 MiB
-# at 17.5 ms, 2**25 415 MiB at 18.9 ms, 2**24 223 MiB at 28.6 ms (the matmul slows below ~256 rows).
-LOGITS_BUDGET = 2**25
+from torch_ft.plan import LOGITS_BUDGET  # fp32 logits per chunk (tests and benches patch it here)
 
 
 def model_inputs(batch: Batch, device: torch.device, mask_dtype: torch.dtype, attn_impl: str) -> dict:

@@ -30,6 +30,11 @@ OVERHEAD = {"cpu": 400 * MiB, "cuda": 600 * MiB, "mps": 400 * MiB}
 # Resident peak / saved tensors, for activations and logits. On Linux CPU glibc keeps the heap
 # pages of freed temporaries, which nearly doubles the resident peak (measured: x1.9).
 SLACK = {"cpu": 1.9, "cuda": 1.15, "mps": 1.2}
+# fp32 logits per loss chunk (torch_ft.loss): 32M values = 128 MB (261 positions of a 128k vocabulary). A chunk's
+# logits, log-softmax and their gradients are alive together at the step's peak, on top of every stored
+# activation. Llama-3.1-8B's head, 2048 positions, H100 (bench/gpu_loss_chunk.py): 2**26 adds 800 MiB
+# at 17.5 ms, 2**25 415 MiB at 18.9 ms, 2**24 223 MiB at 28.6 ms (the matmul slows below ~256 rows).
+LOGITS_BUDGET = 2**25
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # bitsandbytes: 4-bit + 8-bit absmax per 64 + fp32 per 256 absmax
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -72,4 +77,6 @@ def device_plan(device: str | None, dtype: str = "auto") -> DevicePlan:
                       can_quantize=kind == "cuda",  # bitsandbytes needs CUDA
                       device_memory=_cuda_memory(device) if kind == "cuda" else None,
                       unified_memory=sys.platform == "darwin" and kind in ("mps", "cpu"),
-                      tokens_per_pass=CPU_TOKENS_PER_PASS if kind == "cpu" else None)
+                      tokens_per_pass=CPU_TOKENS_PER_PASS if kind == "cpu" else None,
+                      loss_chunk_values=LOGITS_BUDGET,
+                      lean_layers=True)  # torch_ft.lean_mlp, torch_ft.norm_recompute

@@ -115,7 +115,7 @@ def model_info(cfg: ModelsInfoConfig) -> dict[str, Any]:
     assessment = memory.assess(model_config, plan=plan, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
                                targets=cfg.targets, batch_size=cfg.batch_size, seq_len=cfg.max_seq_length,
                                grad_checkpoint=cfg.grad_checkpoint, num_layers=cfg.num_layers,
-                               ranks=ranks)
+                               ranks=ranks, lean=memory.lean_allowed(cfg))
     modes = memory_modes(model_config, cfg, plan, ranks) if cfg.max_memory else None
     exportable, export_note = exporter_support(model_config)
     archs = model_config.get("architectures") or [model_config.get("model_type")]
@@ -137,7 +137,8 @@ def memory_modes(model_config: dict[str, Any], cfg: ModelsInfoConfig, plan, rank
     except ValueError as exc:
         raise UserError(f"--max-memory {cfg.max_memory}: {str(exc).split(': ', 1)[1]}") from None
     kw = dict(plan=plan, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r, targets=cfg.targets,
-              batch_size=cfg.batch_size, seq_len=cfg.max_seq_length, num_layers=cfg.num_layers, ranks=ranks)
+              batch_size=cfg.batch_size, seq_len=cfg.max_seq_length, num_layers=cfg.num_layers, ranks=ranks,
+              lean=memory.lean_allowed(cfg))
     table = [(m, e.describe()) for m, e in memory.mode_table(model_config, **kw)]
     try:
         pick, line = memory.choose_mode(model_config, budget=budget, **kw)

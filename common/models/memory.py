@@ -8,17 +8,24 @@
 - LoRA: r*(in+out) per adapted matrix, each in fp32 with its gradient and two Adam
   moments (16 bytes per parameter);
 - activations saved for the backward pass, per adapted layer and token, at the compute
-  dtype (with gradient checkpointing: each layer's input, plus one layer recomputed);
-- logits: batch*seq*vocab fp32 values, times 4: the logits and their log-softmax from the
-  forward pass, and the gradients of both in the backward pass;
+  dtype (with gradient checkpointing: each layer's input, plus one layer recomputed); fewer
+  where the backend recomputes the MLP's activation product and the normalised layer inputs
+  (``DevicePlan.lean_layers``, when the run allows it: ``lean_allowed``);
+- logits: batch*seq*vocab fp32 values, or one chunk of positions where the backend's loss is
+  chunked (``DevicePlan.loss_chunk_values``), times 4: the logits and their log-softmax from
+  the forward pass, and the gradients of both in the backward pass;
 - allocator slack on activations and logits: on Linux CPU, glibc keeps the heap pages of
   freed temporaries, which nearly doubles the resident peak (measured: x1.9; with
   ``MALLOC_MMAP_THRESHOLD_=65536`` the peak matches the saved tensors to within 5%);
 - overhead: the framework itself (CUDA context, torch/MLX runtime), measured.
 
-Measured on SmolLM2-135M (fp32, CPU, LoRA r=16 on all 7 projections, 2-3 steps): batch 4 x
-seq 256 peaks at 4768 MiB RSS without checkpointing (estimate 4822 MiB) and 2818 MiB with
-it (estimate 2653 MiB); see tests/test_models_memory.py.
+Measured on SmolLM2-135M (fp32, CPU, LoRA r=16 on all 7 projections, 2-3 steps, the torch
+backend's chunked loss and recompute): batch 4 x seq 256 peaks at 3010 MiB RSS without
+checkpointing (estimate 3395 MiB) and 2350 MiB with it (estimate 2144 MiB); see
+tests/test_models_memory.py. On an H100 (Llama-3.1-8B shape, bf16 LoRA
+r16 on all 7 projections, one 4096-token row, torch backend; ``python -m bench.preflight_check``)
+the estimate (less its CUDA-context overhead) is 1.11x the measured peak in the default mode, 1.02x
+with offload; with a 4-bit base 1.16-1.17x and 1.00-1.03x.
 ``preflight`` compares the estimate with ``available_memory`` and, when it does not fit,
 raises a UserError listing changes that would, each with its new estimate.
 """
@@ -141,9 +148,10 @@ def _targets(shape: Shape, targets: Sequence[str]) -> dict[str, tuple[int, int]]
 def estimate_training_memory(model_config: dict[str, Any], *, plan: DevicePlan, load_in_4bit: bool,
                              lora_r: int, targets: Sequence[str], batch_size: int, seq_len: int,
                              grad_checkpoint: bool, num_layers: int | None = None, offload: bool = False,
-                             ranks: RankLayout | None = None) -> Estimate:
+                             ranks: RankLayout | None = None, lean: bool = True) -> Estimate:
     """Peak memory of LoRA training on ``plan`` (common.backends), in bytes, by part (see the module docstring);
-    with ``ranks``, of one process of that data-parallel job (common.models.ranks)."""
+    with ``ranks``, of one process of that data-parallel job (common.models.ranks); ``lean`` False where the
+    run rules out the plan's recompute of layer intermediates (``lean_allowed``)."""
     dtype_bytes = plan.dtype_bytes
     s = Shape.from_config(model_config)
     linears = s.linears()
@@ -173,6 +181,8 @@ def estimate_training_memory(model_config: dict[str, Any], *, plan: DevicePlan, 
     # projections, q/k/v and the attention output (memory-efficient attention: no seq^2 term),
     # the o_proj input, and the MLP's gate, up, activation and product; plus LoRA's r per matrix.
     per_token = 4 * s.hidden + 3 * s.q_dim + 2 * s.kv_dim + 4 * s.inter + lora_r * len(chosen)
+    if lean and plan.lean_layers:  # act(gate) and act(gate)*up; without checkpointing, both normalised inputs too
+        per_token -= 2 * s.inter + (0 if grad_checkpoint or offload else 2 * s.hidden)
     layer_bytes = tokens * per_token * dtype_bytes
     if offload:  # layer inputs in host memory: one layer recomputed, one input in transit (torch_ft.offload)
         activations = tokens * s.hidden * dtype_bytes + layer_bytes
@@ -180,7 +190,10 @@ def estimate_training_memory(model_config: dict[str, Any], *, plan: DevicePlan, 
         activations = adapted * tokens * s.hidden * dtype_bytes + layer_bytes
     else:
         activations = adapted * layer_bytes
-    logits = tokens * s.vocab * 4 * LOGIT_COPIES
+    positions = tokens
+    if plan.loss_chunk_values:  # chunks of at least 128 positions (torch_ft.loss)
+        positions = min(tokens, max(128, plan.loss_chunk_values // s.vocab))
+    logits = positions * s.vocab * 4 * LOGIT_COPIES
     parts = {"weights": int(weights), "lora+adam": int(lora), "activations": int(activations * plan.slack),
              "logits": int(logits * plan.slack), "overhead": plan.overhead_bytes}
     parts = per_rank(parts, weights_root=int(root), layers=s.layers, layout=ranks)
@@ -229,6 +242,14 @@ def available_memory(plan: DevicePlan) -> tuple[int, str]:
 
 # ---------------------------------------------------------------------------
 # preflight
+
+
+def lean_allowed(cfg: Any) -> bool:
+    """Whether a run's options let a backend recompute layer intermediates (``DevicePlan.lean_layers``):
+    not with LoRA dropout or DoRA (the MLP's down projection then keeps its own input), FSDP (it frees
+    the weights the recompute reads) or torch.compile (it fuses the layers its own way)."""
+    return not (getattr(cfg, "lora_dropout", 0) or getattr(cfg, "use_dora", False) or getattr(cfg, "fsdp", False)
+                or getattr(cfg, "compile", "off") != "off")
 
 
 def _suggestions(model_config: dict[str, Any], kw: dict[str, Any], limit: int) -> list[str]:
@@ -296,11 +317,11 @@ class Assessment:
 def assess(model_config: dict[str, Any], *, plan: DevicePlan, load_in_4bit: bool, lora_r: int,
            targets: Sequence[str], batch_size: int, seq_len: int,
            grad_checkpoint: bool, num_layers: int | None = None, limit_bytes: int | None = None,
-           headroom: float = 0.9, ranks: RankLayout | None = None) -> Assessment:
+           headroom: float = 0.9, ranks: RankLayout | None = None, lean: bool = True) -> Assessment:
     """The estimate, what is available, and (when it does not fit) what would; raises nothing.
     With ``ranks``: for one process of a data-parallel job, against its share of the memory."""
     kw = dict(plan=plan, load_in_4bit=load_in_4bit, lora_r=lora_r, targets=list(targets), batch_size=batch_size,
-              seq_len=seq_len, grad_checkpoint=grad_checkpoint, num_layers=num_layers, ranks=ranks)
+              seq_len=seq_len, grad_checkpoint=grad_checkpoint, num_layers=num_layers, ranks=ranks, lean=lean)
     est = estimate_training_memory(model_config, **kw)
     if limit_bytes is None:
         available, where = available_memory(plan)
@@ -319,7 +340,7 @@ def assess(model_config: dict[str, Any], *, plan: DevicePlan, load_in_4bit: bool
 def preflight(model_config: dict[str, Any], *, plan: DevicePlan, load_in_4bit: bool, lora_r: int,
               targets: Sequence[str], batch_size: int, seq_len: int,
               grad_checkpoint: bool, num_layers: int | None = None, limit_bytes: int | None = None,
-              headroom: float = 0.9, ranks: RankLayout | None = None) -> Estimate:
+              headroom: float = 0.9, ranks: RankLayout | None = None, lean: bool = True) -> Estimate:
     """Estimate training memory; raise UserError, listing what would fit, if it exceeds what is available.
 
     Call it before loading any weight. ``plan`` is the backend's device plan
@@ -331,7 +352,7 @@ def preflight(model_config: dict[str, Any], *, plan: DevicePlan, load_in_4bit: b
     a = assess(model_config, plan=plan, load_in_4bit=load_in_4bit,
                lora_r=lora_r, targets=targets, batch_size=batch_size, seq_len=seq_len,
                grad_checkpoint=grad_checkpoint, num_layers=num_layers, limit_bytes=limit_bytes, headroom=headroom,
-               ranks=ranks)
+               ranks=ranks, lean=lean)
     if a.fits:
         return a.estimate
     problems = [f"estimate: {a.estimate.describe()}",

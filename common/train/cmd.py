@@ -152,7 +152,7 @@ def _preflight(cfg: TrainConfig, resolved, longest: int, plan: DevicePlan, conso
         seq_len = 2 * longest if cfg.packing else longest
     rows = plan.rows_per_pass(rows, seq_len)  # trained in row groups: activations of one group
     kw = dict(plan=plan, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r, targets=cfg.targets, batch_size=rows,
-              seq_len=seq_len, num_layers=cfg.num_layers, ranks=ranks)
+              seq_len=seq_len, num_layers=cfg.num_layers, ranks=ranks, lean=memory.lean_allowed(cfg))
     if cfg.max_memory is not None:
         return _budget_mode(cfg, model_config, kw, console)
     # offload is estimated as checkpoint: an upper bound (the layer inputs it moves to the host are small)
