@@ -30,19 +30,20 @@ SUITES: dict[str, dict[str, Any]] = {
                 "sides": ["ours", "ours_noliger", "ours_sdpa", "ours_gc", "ours_grouped", "B0", "B1"]},
     "1b-qlora": {"model": "llama-3.2-1b", "qlora": True, "max_len": 4096, "rows": 1, "sides": ["ours", "B0", "B1"]},
     "8b-bf16": {"model": "llama-3.1-8b", "qlora": False, "max_len": 4096, "rows": 1,
-                "sides": ["ours", "ours_noliger", "ours_sdpa", "B0", "B1"]},
+                "sides": ["ours", "ours_ungrouped", "ours_noliger", "ours_sdpa", "B0", "B1"]},
     "8b-qlora": {"model": "llama-3.1-8b", "qlora": True, "max_len": 4096, "rows": 1, "sides": ["ours", "B0", "B1"]},
     # memory modes (issue 22): default, checkpoint, offload on the same plan
     # memory modes (issue 22): ours in each mode, Unsloth GC off and offloaded, the seeds' recipe GC on and off
     "8b-memory": {"model": "llama-3.1-8b", "qlora": False, "max_len": 4096, "rows": 1,
-                  "sides": ["ours", "ours_stored", "ours_gc", "ours_offload", "unsloth", "unsloth_gc", "seeds_gc", "seeds"]},
+                  "sides": ["ours", "ours_stored", "ours_ungrouped", "ours_gc", "ours_offload", "unsloth", "unsloth_gc",
+                            "seeds_gc", "seeds"]},
     "8b-qlora-memory": {"model": "llama-3.1-8b", "qlora": True, "max_len": 4096, "rows": 1,
-                        "sides": ["ours", "ours_stored", "ours_gc", "ours_offload", "unsloth", "unsloth_gc", "seeds_gc",
-                                  "seeds"]},
+                        "sides": ["ours", "ours_stored", "ours_ungrouped", "ours_gc", "ours_offload", "unsloth", "unsloth_gc",
+                                  "seeds_gc", "seeds"]},
     "1b-diag": {"model": "llama-3.2-1b", "qlora": False, "max_len": 4096, "rows": 1,
                 "sides": ["ours", "ours_expseg", "ours_nocudnn"]},
     "tiny-cpu": {"model": "tiny-llama", "qlora": False, "max_len": 256, "rows": 1,
-                 "sides": ["ours", "ours_stored", "ours_gc", "ours_offload", "ours_grouped", "B0", "B1", "seeds_gc", "seeds"]},
+                 "sides": ["ours", "ours_stored", "ours_ungrouped", "ours_gc", "ours_offload", "ours_grouped", "B0", "B1", "seeds_gc", "seeds"]},
 }
 # Unsloth's wheels live apart (bench/device.sh installs .unsloth there): only its sides see them
 UNSLOTH_SITE = os.environ.get("UNSLOTH_SITE", "/tmp/site-unsloth")
@@ -69,6 +70,9 @@ def side_spec(key: str, suite: dict, *, model_dir: str, plan: list, steps: int, 
     elif key == "ours_stored":  # ablation: the MLP product and the norm outputs stored, as before they were recomputed
         spec.update(kind="ours", plan=plan, store_all=True,
                     label=f"ours torch{q}, packed, MLP product and norm outputs stored (no lean_mlp/norm_recompute)")
+    elif key == "ours_ungrouped":  # ablation: q/k/v and gate/up LoRA layers one by one (peft's order of work)
+        spec.update(kind="ours", plan=plan, ungrouped=True,
+                    label=f"ours torch{q}, packed, LoRA projections one by one (no lora_forward.SharedInput)")
     elif key == "ours_gc":
         spec.update(kind="ours", plan=plan, label=f"ours torch{q}, packed + grad checkpoint")
         spec["cfg"] = {**base_cfg, "grad_checkpoint": True}
@@ -146,7 +150,7 @@ def run_suite(name: str, *, out: Path, steps: int, warmup: int, n_examples: int,
         pairs = [("ours", "B0", 2.0, 1.0, LOSS_RTOL), ("ours", "B1", 1.2, None, LOSS_RTOL),
                  ("ours", "ours_sdpa", None, None, LOSS_RTOL), ("ours", "ours_noliger", None, None, LOSS_RTOL),
                  ("ours", "ours_gc", None, None, LOSS_RTOL), ("ours", "ours_offload", None, None, LOSS_RTOL),
-                 ("ours", "ours_stored", None, None, LOSS_RTOL),
+                 ("ours", "ours_stored", None, None, LOSS_RTOL), ("ours", "ours_ungrouped", None, None, LOSS_RTOL),
                  ("ours", "ours_grouped", None, None, None),
                  # issue 22: default vs Unsloth GC off (>= 2.0x bf16 / 1.6x QLoRA at <= 0.9x its peak), offload vs
                  # Unsloth offloaded (>= 1.5x / 1.4x at no more peak) and vs the seeds' GC on (>= 10x, no more peak)

@@ -53,6 +53,11 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
         lean_mlp.install = lambda *a, **k: 0
         norm_recompute.install = lambda *a, **k: None
+    if spec.get("ungrouped"):  # ablation: each LoRA projection on its own, as before torch_ft.lora_forward.SharedInput
+        from torch_ft import lora_forward
+
+        real_install = lora_forward.install
+        lora_forward.install = lambda model, autocast=False, group=True: real_install(model, autocast, group=False)
     examples = _examples(spec)
     cuda = spec["device"].startswith("cuda")
     start = load_average()

@@ -1,5 +1,6 @@
 """Values recomputed in backward instead of stored: the gated MLP's activation product
-(torch_ft.lean_mlp) and the normalised layer inputs (torch_ft.norm_recompute).
+(torch_ft.lean_mlp) and the normalised layer inputs (torch_ft.norm_recompute); and sibling LoRA
+projections that read one input trained as one node (torch_ft.lora_forward.SharedInput).
 
 A tiny real llama (fp32, CPU) with LoRA on every projection: the patched model must give the
 unpatched model's loss and LoRA gradients, keep fewer values for backward (not the
@@ -21,7 +22,8 @@ TOKENS = 24
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _model(act: str = "silu", dropout: float = 0.0, dora: bool = False, patch: bool = True, norms: bool = False):
+def _model(act: str = "silu", dropout: float = 0.0, dora: bool = False, patch: bool = True, norms: bool = False,
+           group: bool | None = None):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=88, num_attention_heads=4, num_key_value_heads=2,
                                    num_hidden_layers=2, vocab_size=64, hidden_act=act, attn_implementation="sdpa")
@@ -34,7 +36,7 @@ def _model(act: str = "silu", dropout: float = 0.0, dora: bool = False, patch: b
     for name, p in model.named_parameters():
         if "lora_B" in name:  # B starts at zero: give it values so every adapter gradient is non-trivial
             p.data.normal_(0, 0.2)
-    lora_forward.install(model)
+    lora_forward.install(model, group=patch if group is None else group)
     changed = lean_mlp.install(model) if patch else 0
     if norms:
         model.norm_hooks = norm_recompute.install(model.get_base_model())
@@ -61,8 +63,48 @@ def test_patched_model_gives_the_same_loss_and_gradients(act, norms):
     for name, g in grads_a.items():
         torch.testing.assert_close(grads_b[name], g, rtol=1e-5, atol=1e-6, msg=name)
         assert float(g.abs().sum()) > 0, name
-    if norms:  # 2 norms x 2 layers, each saved by its LoRA projections (3 or 2 of them, maybe twice each)
-        assert lean.norm_hooks.recipes >= 2 * 2 * 2
+    if norms:  # 2 norms x 2 layers, each saved (at least once) by the LoRA projections it feeds
+        assert lean.norm_hooks.recipes >= 2 * 2
+
+
+def test_grouped_projections_give_peft_losses_and_gradients(monkeypatch):
+    """q/k/v and gate/up as one SharedInput node each: the same loss, LoRA gradients and input gradients."""
+    calls = []
+    real = lora_forward.SharedInput.apply
+    monkeypatch.setattr(lora_forward.SharedInput, "apply", lambda *a: calls.append(len(a[1])) or real(*a))
+    for patch in (False, True):  # alone, and under lean_mlp's forward
+        plain, _ = _model(patch=False)
+        grouped, _ = _model(patch=patch, group=True)
+        calls.clear()
+        loss_a, grads_a = _loss_and_grads(plain)
+        loss_b, grads_b = _loss_and_grads(grouped)
+        assert sorted(calls) == [2, 2, 3, 3]  # per layer: gate+up, q+k+v
+        assert loss_b == pytest.approx(loss_a, rel=1e-6) and grads_a.keys() == grads_b.keys()
+        for name, g in grads_a.items():
+            torch.testing.assert_close(grads_b[name], g, rtol=1e-5, atol=1e-6, msg=name)
+        embeds = plain.get_input_embeddings()(torch.arange(TOKENS)[None]).detach()
+        dx = []
+        for m in (plain, grouped):  # the gradient that reaches the first layer's input (its sums run in another order)
+            x = embeds.clone().requires_grad_()
+            dx.append(torch.autograd.grad(m(inputs_embeds=x).logits.square().sum(), x)[0])
+        torch.testing.assert_close(dx[1], dx[0], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # inference takes each layer's own forward
+        calls.clear()
+        grouped(input_ids=torch.arange(TOKENS)[None])
+        assert calls == []
+
+
+def test_grouping_steps_aside_for_a_disabled_or_uncovered_adapter():
+    grouped, _ = _model(group=True, patch=False)
+    ids = torch.arange(TOKENS)[None]
+    with grouped.disable_adapter():
+        off = grouped(input_ids=ids).logits
+    plain, _ = _model(patch=False)
+    with plain.disable_adapter():
+        torch.testing.assert_close(off, plain(input_ids=ids).logits)
+    dropout, _ = _model(dropout=0.1, group=True)  # dropout: peft's forward, layer by layer
+    dropout.eval()
+    assert torch.isfinite(dropout(input_ids=ids, labels=ids).loss)
 
 
 def _saved_values(model) -> int:

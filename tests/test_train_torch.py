@@ -340,7 +340,7 @@ def test_lean_lora_forward_is_peft_forward(tiny_model_dir, use_dora, monkeypatch
         lean_calls.clear()
         results.append(step_of(b, batch))
         assert bool(lean_calls) == lean
-    assert_same_step(results)
+    assert_same_step(results, atol=1e-6)  # grouped q/k/v and gate/up (SharedInput) sum input gradients in another order
 
 
 def test_cpu_recomputes_some_layers_with_the_same_gradients(tiny_model_dir):

@@ -23,19 +23,11 @@ import types
 
 import torch
 
+from torch_ft.lora_forward import dense_weight, plain_adapter
+
 # transformers MLP classes whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``
 GATED_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP",
                         "GraniteMLP", "SmolLM3MLP", "OlmoMLP", "Olmo2MLP"})
-
-
-def _dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The base layer's (out, in) weight in ``dtype`` (a 4-bit one dequantised, as bitsandbytes' backward does)."""
-    w = base.weight
-    if getattr(w, "quant_state", None) is not None:
-        import bitsandbytes.functional as bnbf
-
-        return bnbf.dequantize_4bit(w.data, w.quant_state).to(dtype)
-    return w.to(dtype)
 
 
 class GatedDown(torch.autograd.Function):
@@ -75,7 +67,7 @@ class GatedDown(torch.autograd.Function):
         if not needs_x:
             return None, None, grad_a, grad_b, None, None, None, None
         del flat_h
-        dh = (dy @ _dense_weight(ctx.base, dt)).addmm_(d_low, a).view(h.shape)
+        dh = (dy @ dense_weight(ctx.base, dt)).addmm_(d_low, a).view(h.shape)
         if ctx.liger:
             del h
             grad_g, grad_u = _liger_swiglu().swiglu_backward(gate, up, dh)
@@ -94,25 +86,9 @@ def _liger_swiglu():
     return swiglu
 
 
-def _plain_lora(layer) -> str | None:
-    """The adapter name when ``layer`` is a peft LoRA linear that GatedDown can stand in for, else None."""
-    names = getattr(layer, "active_adapters", None)
-    if not names or len(names) != 1 or getattr(layer, "merged", True) or getattr(layer, "disable_adapters", True):
-        return None
-    name = names[0]
-    if name not in getattr(layer, "lora_A", {}) or name in getattr(layer, "lora_variant", {}):
-        return None
-    if not isinstance(layer.lora_dropout[name], torch.nn.Identity):
-        return None
-    base = layer.base_layer
-    dense = type(base) is torch.nn.Linear
-    four_bit = getattr(getattr(base, "weight", None), "quant_state", None) is not None
-    return name if dense or four_bit else None
-
-
 def _lean_forward(self, x, *, _forward, _liger):
     down = self.down_proj
-    name = _plain_lora(down)
+    name = plain_adapter(down)
     if name is None:
         return _forward(x)
     return GatedDown.apply(self.gate_proj(x), self.up_proj(x), down.lora_A[name].weight, down.lora_B[name].weight,
@@ -127,7 +103,7 @@ def install(model, liger: bool = False) -> int:
     """
     changed = 0
     for module in model.modules():
-        if type(module).__name__ in GATED_MLPS and _plain_lora(getattr(module, "down_proj", None)) is not None:
+        if type(module).__name__ in GATED_MLPS and plain_adapter(getattr(module, "down_proj", None)) is not None:
             fused = liger and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
             module.forward = types.MethodType(
                 lambda self, x, _f=module.forward, _l=fused: _lean_forward(self, x, _forward=_f, _liger=_l), module)
