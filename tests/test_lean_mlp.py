@@ -169,3 +169,28 @@ def test_disabled_adapter_falls_back_to_the_module_forward():
     with plain.disable_adapter(), torch.no_grad():
         ref = plain(input_ids=ids).logits
     torch.testing.assert_close(off, ref)
+
+
+def test_shared_input_with_its_own_scaling_and_rank_per_layer():
+    """SharedInput against the formula, in float64: layers of different ranks and scalings, every gradient."""
+    torch.manual_seed(0)
+    bases = [torch.nn.Linear(6, out, bias=bias).double().requires_grad_(False)
+             for out, bias in ((5, False), (3, True), (4, False))]
+    ranks, scalings = (2, 3, 1), [0.5, 2.0, 1.25]
+    ab = [t.requires_grad_() for r, base in zip(ranks, bases, strict=True)
+          for t in (torch.randn(r, 6, dtype=torch.float64), torch.randn(base.out_features, r, dtype=torch.float64))]
+    x = torch.randn(2, 7, 6, dtype=torch.float64, requires_grad=True)
+
+    def formula(x, *ab):
+        return tuple(base(x) + s * (x @ ab[2 * i].t()) @ ab[2 * i + 1].t()
+                     for i, (base, s) in enumerate(zip(bases, scalings, strict=True)))
+
+    got = lora_forward.SharedInput.apply(x, bases, scalings, *ab)
+    want = formula(x, *ab)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+    weights = [torch.randn_like(w) for w in want]  # a loss that weighs every output differently
+    grads_got = torch.autograd.grad(sum((g * c).sum() for g, c in zip(got, weights, strict=True)), [x, *ab])
+    grads_want = torch.autograd.grad(sum((w * c).sum() for w, c in zip(want, weights, strict=True)), [x, *ab])
+    for g, w in zip(grads_got, grads_want, strict=True):
+        torch.testing.assert_close(g, w)

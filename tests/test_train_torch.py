@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -168,6 +169,32 @@ def test_chunked_loss_matches_one_chunk(tiny_model_dir, fmt, monkeypatch):
         results.append((first, b.eval_loss(batch)[0]))
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
     assert results[1][1] == pytest.approx(results[0][1], rel=1e-6)  # same gradients, same update
+
+
+def test_loss_gathers_host_positions_as_the_device_mask_selects(backend, fmt):
+    # Guards the sync-free gather (torch_ft.loss.target_positions): the same targets, loss and gradients.
+    rows = [chat(fmt, "set a timer for ten minutes", '{"intent": "set_timer"}'),
+            chat(fmt, "play some jazz", '{"intent": "play_music"}')]
+    batch = make_batch([[rows[0]], [rows[1]]], 0)  # two padded rows
+    mask = np.asarray(batch.loss_mask)
+    picks = losses.target_positions(batch.loss_mask)
+    assert len(picks) == mask[:, 1:].sum() == batch.n_supervised > 0
+    width = mask.shape[1]
+    assert all(mask[p // width, p % width + 1] for p in picks)
+    assert losses.target_positions([]).size == 0
+    inputs, loss_mask, device_picks = backend._inputs(batch)
+    results = []
+    for given in (None, device_picks):
+        backend.model.zero_grad(set_to_none=True)
+        total, n = losses.supervised_loss(backend.causal_lm, inputs, loss_mask, given)
+        total.backward()
+        results.append((float(total), n, [p.grad.clone() for p in backend.params if p.grad is not None]))
+    assert results[1][1] == results[0][1] == batch.n_supervised
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
+    assert len(results[0][2]) == len(results[1][2]) > 0
+    for a, b in zip(results[0][2], results[1][2], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    backend.model.zero_grad(set_to_none=True)
 
 
 def test_device_choice_on_cpu():

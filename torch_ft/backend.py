@@ -22,7 +22,7 @@ from torch_ft import device as devices
 from torch_ft import dist as dists
 from torch_ft import plan as plans
 from torch_ft import state as states
-from torch_ft.loss import model_inputs, supervised_loss
+from torch_ft.loss import model_inputs, supervised_loss, target_positions, to_device
 from torch_ft.model import attach_lora, checkpoint_every, load_base
 from torch_ft.optim import make_optimizer
 
@@ -98,7 +98,7 @@ class TorchBackend:
             if cfg.compile == "auto" and self.prec.kind == "cuda" else None)
         self.causal_lm = self.model.get_base_model()
         self._loss = (fsdp.as_root_forward(self.causal_lm, supervised_loss) if cfg.fsdp else
-                      lambda inputs, mask: supervised_loss(self.causal_lm, inputs, mask))
+                      lambda inputs, mask, picks=None: supervised_loss(self.causal_lm, inputs, mask, picks))
         self.attn_impl = getattr(self.causal_lm.config, "_attn_implementation", "sdpa") or "sdpa"
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, notes = make_optimizer(cfg.optim, self.model, lr=cfg.peak_lr, weight_decay=cfg.weight_decay,
@@ -123,7 +123,8 @@ class TorchBackend:
             self.model.train(on)
             self._mode = on
 
-    def _inputs(self, batch: Batch) -> tuple[dict, torch.Tensor]:
+    def _inputs(self, batch: Batch) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """Model inputs, the loss mask and the flat target positions (``torch_ft.loss.target_positions``)."""
         if self.attn_impl == attention.ATTN_NAME:
             # varlen attention keeps the examples apart: rows run end to end as one
             batch = batch.flat(FLAT_MULTIPLE if self.prec.kind == "cuda" else 1, self.pad_id)
@@ -131,8 +132,8 @@ class TorchBackend:
         if not mask_dtype.is_floating_point:
             mask_dtype = torch.float32
         inputs = model_inputs(batch, self.prec.device, mask_dtype, self.attn_impl)
-        loss_mask = torch.tensor(batch.loss_mask, dtype=torch.long, device=self.prec.device)
-        return inputs, loss_mask
+        loss_mask = to_device(batch.loss_mask, self.prec.device)
+        return inputs, loss_mask, to_device(target_positions(batch.loss_mask), self.prec.device)
 
     # -- training ----------------------------------------------------------------
 
@@ -140,9 +141,9 @@ class TorchBackend:
         self._train_mode(True)
         total = 0.0
         for part in self._passes(batch):
-            inputs, loss_mask = self._inputs(part)
+            inputs, loss_mask, picks = self._inputs(part)
             with devices.autocast(self.prec):
-                loss_sum, _ = self._loss(inputs, loss_mask)
+                loss_sum, _ = self._loss(inputs, loss_mask, picks)
             loss = loss_sum * scale
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             # Read after backward: reading it before would drain the GPU's queue between forward and backward.
@@ -195,9 +196,9 @@ class TorchBackend:
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> tuple[float, int]:
         self._train_mode(False)
-        inputs, loss_mask = self._inputs(batch)
+        inputs, loss_mask, picks = self._inputs(batch)
         with devices.autocast(self.prec):
-            loss_sum, n = self._loss(inputs, loss_mask)
+            loss_sum, n = self._loss(inputs, loss_mask, picks)
         return float(loss_sum), n
 
     @torch.no_grad()

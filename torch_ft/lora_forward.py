@@ -91,12 +91,13 @@ class SharedInput(torch.autograd.Function):
         dt = outs[0].dtype
         flat = x.reshape(-1, x.shape[-1]).to(dt)
         ranks = [w.shape[0] for w in a]
-        scale = torch.cat([torch.full((r,), s, dtype=dt, device=x.device) for r, s in zip(ranks, scalings, strict=True)])
-        low = (flat @ torch.cat([w.to(dt) for w in a]).t()).mul_(scale)  # (tokens, sum of ranks)
-        for out, part, w in zip(outs, low.split(ranks, dim=1), b, strict=True):
-            out.view(-1, out.shape[-1]).addmm_(part, w.to(dt).t())
+        stacked_a = torch.cat(a).to(dt)  # (sum of ranks, in), kept for backward: a few hundred KB
+        low = _scaled(flat @ stacked_a.t(), scalings, ranks)  # (tokens, sum of ranks)
+        b_dt = [w.to(dt) for w in b]
+        for out, part, w in zip(outs, low.split(ranks, dim=1), b_dt, strict=True):
+            out.view(-1, out.shape[-1]).addmm_(part, w.t())
         ctx.save_for_backward(x, low, *ab)
-        ctx.bases, ctx.scalings, ctx.ranks, ctx.dt = bases, scalings, ranks, dt
+        ctx.bases, ctx.scalings, ctx.ranks, ctx.dt, ctx.stacked_a, ctx.b_dt = bases, scalings, ranks, dt, stacked_a, b_dt
         return tuple(outs)
 
     @staticmethod
@@ -105,7 +106,7 @@ class SharedInput(torch.autograd.Function):
         a, b = ab[0::2], ab[1::2]
         dt, ranks, needs = ctx.dt, ctx.ranks, ctx.needs_input_grad
         dys = [g.reshape(-1, g.shape[-1]).to(dt) for g in grads]
-        d_low = torch.cat([(dy @ w.to(dt)) * s for dy, w, s in zip(dys, b, ctx.scalings, strict=True)], dim=1)  # (tokens, sum of ranks)
+        d_low = _scaled(torch.cat([dy @ w for dy, w in zip(dys, ctx.b_dt, strict=True)], dim=1), ctx.scalings, ranks)
         grad_a = (d_low.t() @ x.reshape(-1, x.shape[-1]).to(dt)).split(ranks) if any(needs[3::2]) else None
         out: list = [None, None, None]
         for i, (dy, part) in enumerate(zip(dys, low.split(ranks, dim=1), strict=True)):
@@ -115,9 +116,19 @@ class SharedInput(torch.autograd.Function):
             dx = dys[0] @ dense_weight(ctx.bases[0], dt)
             for dy, base in zip(dys[1:], ctx.bases[1:], strict=True):
                 dx.addmm_(dy, dense_weight(base, dt))
-            dx.addmm_(d_low, torch.cat([w.to(dt) for w in a]))
+            dx.addmm_(d_low, ctx.stacked_a)
             out[0] = dx.view(x.shape).to(x.dtype)
+        ctx.stacked_a = ctx.b_dt = None
         return tuple(out)
+
+
+def _scaled(low: torch.Tensor, scalings: list[float], ranks: list[int]) -> torch.Tensor:
+    """``low`` (tokens, sum of ranks) with each adapter's columns times its scaling, in place."""
+    if len(set(scalings)) == 1:
+        return low.mul_(scalings[0])
+    for part, s in zip(low.split(ranks, dim=1), scalings, strict=True):
+        part.mul_(s)
+    return low
 
 
 class _Group:

@@ -8,6 +8,7 @@ which are most tokens in instruction data, cost no lm_head matmul at all.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -15,6 +16,27 @@ from torch.utils.checkpoint import checkpoint
 from common.train.backend import Batch
 from torch_ft import attention
 from torch_ft.plan import LOGITS_BUDGET  # fp32 logits per chunk (tests and benches patch it here)
+
+
+def to_device(values, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Host values (a list or array) as a tensor on ``device``. To a GPU through pinned memory and
+    without waiting for the copy: a plain copy from pageable memory makes the CPU wait for the GPU's
+    whole queue, and the GPU then idles while the CPU catches up (the caching host allocator keeps
+    the pinned buffer until the copy is done)."""
+    t = torch.as_tensor(np.asarray(values), dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def target_positions(loss_mask: list[list[int]]) -> np.ndarray:
+    """Flat positions ``r * T + t`` of a (rows, T) batch whose next token (t + 1) is a target, from the
+    host's loss mask: the loss gathers them without a device-to-host round trip."""
+    mask = np.asarray(loss_mask, dtype=bool)
+    if mask.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    rows, cols = np.nonzero(mask[:, 1:])
+    return rows.astype(np.int64) * mask.shape[1] + cols
 
 
 def model_inputs(batch: Batch, device: torch.device, mask_dtype: torch.dtype, attn_impl: str) -> dict:
@@ -25,14 +47,13 @@ def model_inputs(batch: Batch, device: torch.device, mask_dtype: torch.dtype, at
     that restart per example and, for SDPA/eager, a 4D block-diagonal causal additive mask;
     flash-attention 2 instead finds the examples from the position_ids.
     """
-    ids = torch.tensor(batch.input_ids, dtype=torch.long, device=device)
-    pos = torch.tensor(batch.position_ids, dtype=torch.long, device=device)
+    ids = to_device(batch.input_ids, device)
+    pos = to_device(batch.position_ids, device)
     if attn_impl == attention.ATTN_NAME:
         bounds, longest = attention.segment_bounds(batch.segment_ids)
-        return {"input_ids": ids, "position_ids": pos,
-                attention.CU_SEQLENS: torch.tensor(bounds, dtype=torch.int32, device=device),
+        return {"input_ids": ids, "position_ids": pos, attention.CU_SEQLENS: to_device(bounds, device, torch.int32),
                 attention.MAX_SEQLEN: longest}
-    seg = torch.tensor(batch.segment_ids, dtype=torch.long, device=device)
+    seg = to_device(batch.segment_ids, device)
     packed = any(max(row, default=0) > 1 for row in batch.segment_ids)
     if not packed:
         return {"input_ids": ids, "attention_mask": (seg > 0).long(), "position_ids": pos}
@@ -70,18 +91,25 @@ def _chunk_loss(head, transform, hidden: torch.Tensor, targets: torch.Tensor) ->
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
-def supervised_loss(causal_lm, inputs: dict, loss_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+def supervised_loss(causal_lm, inputs: dict, loss_mask: torch.Tensor,
+                    picks: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """(sum of token cross-entropies, number of targets) for ``inputs`` under ``loss_mask``.
 
     ``causal_lm`` is the transformers CausalLM (LoRA layers injected); its decoder gives
-    hidden states and its output embeddings give logits, chunk by chunk.
+    hidden states and its output embeddings give logits, chunk by chunk. ``picks``: the
+    positions of ``target_positions(loss_mask)`` on the device, which spares the GPU a
+    synchronisation (selecting by a device mask must read how many positions it holds).
     """
     decoder = causal_lm.get_decoder()
     head = causal_lm.get_output_embeddings()
     hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
-    select = loss_mask[:, 1:].bool()  # target at t+1 is predicted from position t
-    h = hidden[:, :-1][select]  # (N, H)
-    targets = inputs["input_ids"][:, 1:][select]
+    if picks is not None:  # flat positions t whose target t+1 is supervised
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, picks)  # (N, H)
+        targets = inputs["input_ids"].reshape(-1).index_select(0, picks + 1)
+    else:
+        select = loss_mask[:, 1:].bool()  # target at t+1 is predicted from position t
+        h = hidden[:, :-1][select]  # (N, H)
+        targets = inputs["input_ids"][:, 1:][select]
     n = int(targets.numel())
     if n == 0:
         return hidden.sum() * 0.0, 0  # keeps the graph connected; contributes nothing

@@ -85,7 +85,7 @@ def pair_losses(spec: PreferenceSpec, pc, pr, nc, nr, rc=None, rr=None) -> tuple
 def _prepared(backend, batch):
     if backend.attn_impl == attention.ATTN_NAME:  # the backend runs rows end to end: index that layout
         batch = batch.flat(FLAT_MULTIPLE if backend.prec.kind == "cuda" else 1, backend.pad_id)
-    inputs, loss_mask = backend._inputs(batch)
+    inputs, loss_mask, _ = backend._inputs(batch)
     seq = torch.tensor(sequence_index(batch.segment_ids), dtype=torch.long, device=backend.prec.device)
     return inputs, loss_mask, seq
 
