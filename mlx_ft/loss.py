@@ -116,10 +116,30 @@ def output_head(model: nn.Module) -> Head | None:
     return None
 
 
+@mx.custom_function
 def token_losses(logits: mx.array, targets: mx.array) -> mx.array:
-    """Cross-entropy of each row of ``logits`` (N, vocab, any float dtype), in fp32."""
+    """Cross-entropy of each row of ``logits`` (N, vocab, any float dtype), in fp32.
+
+    Its gradient is written by hand (below) so that backward keeps nothing of size N x vocab
+    in fp32: autograd through ``logsumexp(logits.astype(float32))`` holds the fp32 copy, its
+    exponentials and an fp32 gradient next to the logits (about 13 bytes per logit for bf16
+    logits, measured), where ``softmax(precise=True)`` accumulates in fp32 and writes the
+    logits' dtype.
+    """
     picked = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
     return mx.logsumexp(logits.astype(mx.float32), axis=-1) - picked.astype(mx.float32)
+
+
+@token_losses.vjp
+def _token_losses_vjp(primals, cotangent, output):
+    logits, targets = primals
+    scale = cotangent[:, None]  # (N, 1) fp32
+    grad = mx.softmax(logits, axis=-1, precise=True) * scale.astype(logits.dtype)
+    # the target's entry (p_t - 1) * scale in fp32, from p_t = exp(-loss): in bf16, a p_t near 1
+    # would round to 1 and its gradient to 0
+    at_target = ((mx.exp(-output) - 1.0)[:, None] * scale).astype(logits.dtype)
+    grad = mx.put_along_axis(grad, targets[:, None], at_target, axis=-1)
+    return grad, mx.zeros_like(targets)
 
 
 def loss_sum(model: nn.Module, head: Head | None, inputs: mx.array, segments: mx.array | None, picks: mx.array,

@@ -102,3 +102,33 @@ def test_target_buckets_bound_the_filler_and_the_number_of_shapes():
     assert len({mlxloss.bucket(n, 32) for n in range(2049, 4097)}) == 64
     assert mlxloss.bucket(2660, 32, 4) == 2816
     assert [mlxloss.bucket(n) for n in (1, 37, 2660)] == [1, 37, 2660]  # the CPU's exact counts
+
+
+def _autograd_token_losses(logits, targets):
+    """What token_losses computed before its hand-written gradient: autograd through fp32 logsumexp."""
+    picked = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    return mx.logsumexp(logits.astype(mx.float32), axis=-1) - picked.astype(mx.float32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_hand_written_gradient_matches_autograd(dtype):
+    dt = getattr(mx, dtype)
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 4, (48, 777)).astype(np.float32)
+    targets = rng.integers(0, 777, 48).astype(np.int32)
+    logits[0] = 0.0  # a confident row: 1 - p_t = 776 e^-14 ~ 6e-4, below bf16's resolution just under 1 (2^-9)
+    logits[0, targets[0]] = 14.0
+    logits, targets = mx.array(logits).astype(dt), mx.array(targets)
+    weights = mx.array(rng.uniform(0, 2, 48).astype(np.float32))
+
+    def loss(fn):
+        return lambda x: (fn(x, targets) * weights).sum()
+
+    want_v, want_g = mx.value_and_grad(loss(_autograd_token_losses))(logits)
+    for fn in (loss(mlxloss.token_losses), mx.compile(loss(mlxloss.token_losses))):
+        got_v, got_g = mx.value_and_grad(fn)(logits)
+        assert got_g.dtype == dt and got_v.item() == pytest.approx(want_v.item(), rel=1e-6)
+        got, want = np.array(got_g.astype(mx.float32)), np.array(want_g.astype(mx.float32))
+        ulp = 2.0 ** -8 if dtype == "bfloat16" else 1e-6  # bf16: one more rounding than autograd's path
+        np.testing.assert_allclose(got, want, rtol=ulp, atol=ulp * float(np.abs(want).max()))
+        assert got[0, int(targets[0].item())] < 0  # the confident row's target still pulls up (not rounded to 0)
