@@ -69,11 +69,13 @@ class TorchBackend:
         base = load_base(Path(model_dir), cfg, self.prec)
         kernel_note = kernels.apply(base, self.prec, cfg.kernels)
         self.model, targets = attach_lora(base, cfg, cfg.seed)
-        lora_forward.install(self.model, autocast=self.prec.autocast)
+        # Hand-written backward passes (sibling LoRA projections as one node, values recomputed in backward
+        # rather than stored) read the frozen weights themselves: not under FSDP, which gathers and frees
+        # them, nor torch.compile, which fuses the layers its own way
+        by_hand = not cfg.fsdp and (cfg.compile == "off" or self.prec.kind != "cuda")
+        lora_forward.install(self.model, autocast=self.prec.autocast, group=by_hand)
         lean_note = None
-        # Values recomputed in backward rather than stored (elementwise work; not under FSDP, which gathers
-        # and frees the weights they read, nor torch.compile, which fuses the layers its own way)
-        if not cfg.fsdp and (cfg.compile == "off" or self.prec.kind != "cuda"):
+        if by_hand:
             lean = lean_mlp.install(self.model, liger=bool(kernel_note and kernel_note.startswith("Liger")))
             norms = memory_mode(cfg) == "default" and norm_recompute.install(self.model.get_base_model())
             done = ["the MLP's activation product"] * bool(lean) + ["the normalised layer inputs"] * bool(norms)
