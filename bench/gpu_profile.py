@@ -107,7 +107,7 @@ def _kind(name: str) -> str:
         return "matmul"
     if "flash" in n or "fmha" in n or "attention" in n:
         return "attention"
-    if "triton" in n or "_kernel" in n and "at::" not in n:
+    if "triton" in n or ("_kernel" in n and "at::" not in n):
         return "triton"
     if "memcpy" in n or "memset" in n or "copy" in n:
         return "copy"

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from common.train.methods import PairBatch, PreferenceSpec, sequence_index
 from torch_ft import attention
 from torch_ft import device as devices
-from torch_ft.loss import LOGITS_BUDGET, _logit_transform
+from torch_ft.loss import LOGITS_BUDGET, _logit_transform, to_device
 from torch_ft.plan import rows_per_pass
 
 FLAT_MULTIPLE = 256  # as torch_ft.backend pads a flattened CUDA row
@@ -86,7 +86,7 @@ def _prepared(backend, batch):
     if backend.attn_impl == attention.ATTN_NAME:  # the backend runs rows end to end: index that layout
         batch = batch.flat(FLAT_MULTIPLE if backend.prec.kind == "cuda" else 1, backend.pad_id)
     inputs, loss_mask, _ = backend._inputs(batch)
-    seq = torch.tensor(sequence_index(batch.segment_ids), dtype=torch.long, device=backend.prec.device)
+    seq = to_device(sequence_index(batch.segment_ids), backend.prec.device)
     return inputs, loss_mask, seq
 
 
